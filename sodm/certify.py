@@ -1,0 +1,199 @@
+"""`python -m sodm.certify`: CERTIFY (Cohen et al. 2019) every image of a test subset.
+
+Writes one tab-separated row per image (idx label predict radius correct time) as it goes, resumes
+a partly written file, and records the provenance of the run beside it in `<out>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from sodm import __version__, cli
+from sodm.checkpoint import CheckpointError, file_hash, load_checkpoint, model_from_checkpoint
+from sodm.data import DataError, dataset_info, load_dataset, subset_indices
+from sodm.metrics import COLUMNS
+from sodm.smoothing import Smooth, can_ever_certify, noise_generator
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def check_certify_args(sigma: float, n0: int, n: int, alpha: float, batch: int) -> None:
+    """The certification parameters every entry point validates the same way (raises UsageError)."""
+    if not sigma > 0:
+        raise cli.UsageError(f"--sigma must be > 0, got {sigma}")
+    if n0 < 1 or n < 1:
+        raise cli.UsageError(f"--n0 and --n must be >= 1, got n0={n0}, n={n}")
+    if n0 > n:
+        raise cli.UsageError(f"--n0 ({n0}) must not exceed --n ({n})")
+    if not 0 < alpha < 1:
+        raise cli.UsageError(f"--alpha must lie in (0, 1), got {alpha}")
+    if not can_ever_certify(n, alpha):
+        raise cli.UsageError(f"--n {n} at --alpha {alpha} can never certify (even n of n correct "
+                             f"gives a lower bound alpha^(1/n) <= 1/2); raise --n")
+    if batch < 1:
+        raise cli.UsageError(f"--batch must be >= 1, got {batch}")
+
+
+def read_done(out: Path) -> dict[int, str]:
+    """Rows already in a results file, by idx; a torn last line (a crash mid-write) is dropped."""
+    done: dict[int, str] = {}
+    if not out.exists():
+        return done
+    lines = out.read_text().split("\n")
+    if lines and lines[0].split("\t") != list(COLUMNS):
+        raise cli.UsageError(f"{out} exists and is not a certification TSV; choose another --out")
+    for line in lines[1:]:
+        fields = line.split("\t")
+        if len(fields) == len(COLUMNS) and line.endswith(fields[-1]) and fields[-1]:
+            try:
+                done[int(fields[0])] = line
+            except ValueError:
+                pass
+    return done
+
+
+def certify_subset(smoothed: Smooth, dataset, indices: Iterable[int], *, n0: int, n: int,
+                   alpha: float, batch: int, seed: int, out: Path, device: torch.device,
+                   progress: bool = True) -> Path:
+    """Certify dataset[i] for i in indices into `out`, keeping rows already there (resume)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = read_done(out)
+    # Rewrite what is kept (drops a torn line), then append as we go.
+    with out.open("w") as f:
+        f.write("\t".join(COLUMNS) + "\n")
+        for line in done.values():
+            f.write(line + "\n")
+    todo = [i for i in indices if i not in done]
+    bar = _progress(todo, progress, desc=f"certify {out.name}", initial=len(done))
+    certified = correct_so_far = 0
+    with out.open("a") as f:
+        for i in bar:
+            x, label = dataset[i]
+            x = x.to(device)
+            start = time.perf_counter()
+            prediction, radius = smoothed.certify(x, n0, n, alpha, batch,
+                                                  generator=noise_generator(seed, i, device))
+            elapsed = time.perf_counter() - start
+            correct = int(prediction == int(label))
+            f.write(f"{i}\t{int(label)}\t{prediction}\t{radius:.6g}\t{correct}\t{elapsed:.3f}\n")
+            f.flush()
+            certified += 1
+            correct_so_far += correct
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(acc=f"{correct_so_far / certified:.3f}", s_per_img=f"{elapsed:.2f}")
+    return out
+
+
+def _progress(items, enabled: bool, **kwargs):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, total=len(items) + kwargs.get("initial", 0), file=sys.stderr, **kwargs)
+
+
+def provenance(**fields: Any) -> dict[str, Any]:
+    return {**fields, "sodm_version": __version__, "torch_version": torch.__version__,
+            "python": platform.python_version()}
+
+
+def write_provenance(out: Path, record: dict[str, Any]) -> Path:
+    """Write `<out>.json`; on resume it must describe the same certification as before."""
+    path = out.with_name(out.name + ".json")
+    keys = ("checkpoint_sha256", "dataset", "split", "subset", "n0", "n", "alpha", "sigma",
+            "dtype", "seed")
+    if path.exists() and out.exists():
+        old = json.loads(path.read_text())
+        diff = [k for k in keys if old.get(k) != record.get(k)]
+        if diff:
+            raise cli.UsageError(f"{out} was certified with other settings ({', '.join(diff)} "
+                                 "differ); choose another --out or remove it to start over")
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    p = cli.ArgumentParser(prog="sodm.certify", description=__doc__)
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="results TSV (resumed when it exists)")
+    p.add_argument("--sigma", type=float, default=None, help="noise level (default: the checkpoint's)")
+    p.add_argument("--dataset", default=None, help="default: the checkpoint's")
+    p.add_argument("--data-dir", default=None, help="default: the checkpoint's")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--preset", choices=("cohen500", "full"), default=None,
+                   help="cohen500: every 20th CIFAR-10 / 100th ImageNet test image; full: all")
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--skip", type=int, default=None, help="certify every skip-th image (default 1)")
+    p.add_argument("--max", type=int, default=None, help="at most this many images")
+    p.add_argument("--n0", type=int, default=100)
+    p.add_argument("--n", type=int, default=100_000)
+    p.add_argument("--alpha", type=float, default=0.001)
+    p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                   help="bf16 is an opt-in speed mode; it changes the function being certified")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    try:
+        ckpt = load_checkpoint(args.checkpoint)
+    except CheckpointError as e:
+        raise cli.UsageError(str(e)) from None
+    sigma = ckpt["sigma"] if args.sigma is None else args.sigma
+    check_certify_args(sigma, args.n0, args.n, args.alpha, args.batch)
+    if args.sigma is not None and abs(args.sigma - ckpt["sigma"]) > 1e-12:
+        print(f"sodm.certify: note: certifying at sigma {args.sigma}, trained at {ckpt['sigma']}",
+              file=sys.stderr)
+    name = args.dataset or ckpt["dataset"]
+    data_dir = args.data_dir or ckpt.get("config", {}).get("data_dir")
+    try:
+        info = dataset_info(name)
+        if info.num_classes != ckpt["model"]["num_classes"]:
+            raise cli.UsageError(f"data set {name} has {info.num_classes} classes, the checkpoint "
+                                 f"{ckpt['model']['num_classes']}")
+        dataset = load_dataset(name, args.split, data_dir, download=args.download)
+        skip = args.skip or ({"cohen500": info.cohen_skip, "full": 1}.get(args.preset) or 1)
+        count = args.max if args.max is not None else (500 if args.preset == "cohen500" else None)
+        indices = subset_indices(len(dataset), args.start, skip, count)
+    except DataError as e:
+        raise cli.UsageError(str(e)) from None
+    device = cli.pick_device(args.device)
+    try:
+        model = model_from_checkpoint(ckpt, device)
+    except CheckpointError as e:
+        raise cli.UsageError(str(e)) from None
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    smoothed = Smooth(model, ckpt["model"]["num_classes"], sigma, DTYPES[args.dtype])
+
+    write_provenance(args.out, provenance(
+        checkpoint=str(args.checkpoint.resolve()), checkpoint_sha256=file_hash(args.checkpoint),
+        dataset=name, split=args.split,
+        subset={"start": args.start, "skip": skip, "count": len(indices), "preset": args.preset},
+        n0=args.n0, n=args.n, alpha=args.alpha, sigma=sigma, batch=args.batch, dtype=args.dtype,
+        seed=args.seed, device=str(device)))
+    certify_subset(smoothed, dataset, indices, n0=args.n0, n=args.n, alpha=args.alpha,
+                   batch=args.batch, seed=args.seed, out=args.out, device=device,
+                   progress=not args.no_progress)
+    from sodm.metrics import format_table, read_results
+
+    print(format_table({args.out.stem: read_results(args.out)}))
+    return 0
+
+
+def console() -> None:
+    sys.exit(cli.run(main, "sodm.certify"))
+
+
+if __name__ == "__main__":
+    console()

@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+from sodm.checkpoint import model_spec, save_checkpoint
+from sodm.data import dataset_info, load_dataset
+from sodm.models import build_model
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory):
+    """A small CNN trained for a few seconds on noisy digits, saved as a sodm checkpoint."""
+    torch.manual_seed(0)
+    info = dataset_info("digits")
+    model = build_model("small_cnn", info.num_classes, info.mean, info.std)
+    train = load_dataset("digits", "train")
+    x, y = train.tensors
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        i = torch.randint(0, len(y), (128,))
+        loss = torch.nn.functional.cross_entropy(model(x[i] + 0.25 * torch.randn_like(x[i])), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("ckpt") / "digits.pt"
+    spec = model_spec("small_cnn", info.num_classes, info.mean, info.std, 1)
+    save_checkpoint(path, model, spec, dataset="digits", sigma=0.25, method="gaussian",
+                    config={"dataset": "digits", "sigma": 0.25})
+    return path

@@ -1,0 +1,96 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sodm import analyze, certify, cli
+from sodm.checkpoint import load_checkpoint
+from sodm.metrics import read_results
+
+
+def run_certify(*argv):
+    return cli.run(certify.main, "sodm.certify", [str(a) for a in argv])
+
+
+def test_certify_writes_rows_provenance_and_resumes(digits_checkpoint, tmp_path, capsys):
+    out = tmp_path / "r.tsv"
+    args = ["--checkpoint", digits_checkpoint, "--out", out, "--skip", 36, "--n0", 50, "--n", 500,
+            "--alpha", 0.001, "--batch", 128, "--no-progress"]
+    assert run_certify(*args) == 0
+    first = read_results(out)
+    assert first.idx.tolist() == list(range(0, 360, 36))
+    assert first.correct.mean() >= 0.7  # a trained model, certified on real digits
+    assert (first.radius[first.predict >= 0] > 0).all()
+    record = json.loads((tmp_path / "r.tsv.json").read_text())
+    assert record["n"] == 500 and record["subset"]["skip"] == 36 and record["dtype"] == "fp32"
+    assert len(record["checkpoint_sha256"]) == 64
+    assert "ACR" in capsys.readouterr().out
+
+    # Simulate a crash: keep 4 rows and a torn fifth line, then run again.
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:5]) + "\n" + lines[5][:7])
+    assert run_certify(*args) == 0
+    again = read_results(out)
+    assert again.idx.tolist() == first.idx.tolist()
+    # Per-image seeded noise: the resumed rows are the rows an uninterrupted run writes.
+    assert again.predict.tolist() == first.predict.tolist()
+    assert again.radius.tolist() == first.radius.tolist()
+
+    # Resuming with other settings is refused instead of mixing two certifications in one file.
+    assert run_certify(*args[:-7], "--n", 600, "--alpha", 0.001, "--batch", 128, "--no-progress") == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_analyze_prints_row_and_writes_curve(digits_checkpoint, tmp_path, capsys):
+    out = tmp_path / "a.tsv"
+    assert run_certify("--checkpoint", digits_checkpoint, "--out", out, "--max", 5, "--n0", 20,
+                       "--n", 200, "--no-progress") == 0
+    capsys.readouterr()
+    assert cli.run(analyze.main, "sodm.analyze", [str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "0.00" in printed and "2.50" in printed and "ACR" in printed
+    png = tmp_path / "a.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--sigma", "0"], "--sigma must be > 0"),
+    (["--sigma", "-0.5"], "--sigma must be > 0"),
+    (["--n0", "200", "--n", "100"], "must not exceed --n"),
+    (["--alpha", "0"], "--alpha must lie in (0, 1)"),
+    (["--alpha", "1.5"], "--alpha must lie in (0, 1)"),
+    (["--n0", "5", "--n", "9"], "can never certify"),
+    (["--dataset", "mnist"], "unknown data set 'mnist'"),
+    (["--dataset", "cifar10", "--data-dir", "{tmp}"], "neither train/ and test/"),
+    (["--n", "ten"], "invalid int value"),
+])
+def test_certify_bad_input(digits_checkpoint, tmp_path, capsys, extra, message):
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    code = run_certify("--checkpoint", digits_checkpoint, "--out", tmp_path / "x.tsv", *extra)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_certify_bad_checkpoints(digits_checkpoint, tmp_path, capsys):
+    assert run_certify("--checkpoint", tmp_path / "none.pt", "--out", tmp_path / "x.tsv") == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+    ckpt = load_checkpoint(digits_checkpoint)
+    ckpt["model"]["arch"] = "alexnet"
+    torch.save(ckpt, tmp_path / "alex.pt")
+    assert run_certify("--checkpoint", tmp_path / "alex.pt", "--out", tmp_path / "x.tsv") == 2
+    assert "unknown architecture 'alexnet'" in capsys.readouterr().err
+
+
+def test_module_entry_point_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sodm.certify", "--checkpoint",
+                           str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o.tsv")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"sodm.certify: error: no such checkpoint: "
+                                                f"{tmp_path / 'missing.pt'}"]
+    proc = subprocess.run([sys.executable, "-m", "sodm.analyze", str(tmp_path / "nope.tsv")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
