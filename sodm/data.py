@@ -139,3 +139,108 @@ def subset_indices(length: int, start: int = 0, skip: int = 1, max_count: int | 
         raise DataError(f"subset needs start >= 0 and skip >= 1 (got start={start}, skip={skip})")
     idx = list(range(start, length, skip))
     return idx if max_count is None else idx[:max_count]
+
+
+def load_tensors(name: str, split: str, data_dir: str | Path | None = None, download: bool = False,
+                 cache_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small data set (digits, cifar10) as (images float32 in [0, 1], labels), decoded once.
+
+    Decoded CIFAR-10 images are cached as uint8 under cache_dir (default ~/.cache/sodm), keyed by
+    the data directory and split, so later runs skip the JPEG decoding."""
+    if name == "digits":
+        return digits(split).tensors
+    if name != "cifar10":
+        raise DataError(f"{name} is too large to hold in memory; it is read through a DataLoader")
+    dataset = load_dataset(name, split, data_dir, download=download)
+    root = Path(data_dir).expanduser().resolve()
+    cache_dir = Path(cache_dir or Path.home() / ".cache" / "sodm")
+    import hashlib
+
+    key = hashlib.sha256(f"{root}|{split}|{len(dataset)}".encode()).hexdigest()[:16]
+    cache = cache_dir / f"cifar10-{split}-{key}.pt"
+    if cache.is_file():
+        blob = torch.load(cache, weights_only=True)
+        return blob["x"].float().div_(255), blob["y"]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=500, num_workers=2)
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append((x * 255).round().to(torch.uint8))
+        ys.append(y)
+    x8, y = torch.cat(xs), torch.cat(ys)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    torch.save({"x": x8, "y": y}, tmp)
+    tmp.replace(cache)
+    return x8.float().div_(255), y
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip of a batch, on its own device."""
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b, 1), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1), device=x.device, generator=generator)
+    rows = (torch.arange(h, device=x.device) + dy)[:, :, None]  # (b, h, 1)
+    cols = torch.arange(w, device=x.device) + dx  # (b, w)
+    flip = torch.rand(b, device=x.device, generator=generator) < 0.5
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]  # (b, 1, w)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+class TrainData:
+    """The training set as batches on `device`, shuffled by (seed, epoch) so that a resumed run
+    sees the same order. digits and CIFAR-10 live in memory on the device (augmented there);
+    ImageNet-size sets are read through a DataLoader with `loader_workers` processes."""
+
+    def __init__(self, name: str, data_dir, batch_size: int, device: torch.device, seed: int,
+                 augment: bool = True, subset: int | None = None, download: bool = False,
+                 loader_workers: int = 8):
+        self.name, self.batch_size, self.device, self.seed = name, batch_size, device, seed
+        self.augment = augment and name == "cifar10"
+        self.x = self.y = self.dataset = None
+        if name in ("digits", "cifar10"):
+            x, y = load_tensors(name, "train", data_dir, download)
+            if subset is not None:
+                keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:subset]
+                x, y = x[keep], y[keep]
+            self.x, self.y = x.to(device), y.to(device)
+            self.length = len(y)
+        else:
+            self.dataset = load_dataset(name, "train", data_dir, augment=augment)
+            if subset is not None:
+                keep = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(seed))[:subset]
+                self.dataset = torch.utils.data.Subset(self.dataset, keep.tolist())
+            self.length = len(self.dataset)
+            self.loader_workers = loader_workers
+
+    def steps_per_epoch(self) -> int:
+        return -(-self.length // self.batch_size)
+
+    def epoch(self, epoch: int, aug_generator: torch.Generator | None = None):
+        """Yield this epoch's (x, y) batches on the device."""
+        order = torch.randperm(self.length, generator=torch.Generator().manual_seed(
+            self.seed * 1_000_003 + epoch))
+        if self.x is not None:
+            for idx in order.to(self.device).split(self.batch_size):
+                x = self.x[idx]
+                if self.augment:
+                    x = random_crop_flip(x, aug_generator)
+                yield x, self.y[idx]
+            return
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=order.tolist(),
+            num_workers=self.loader_workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False)
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def sample(self, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """k random training images (no augmentation), for the mapping refresher."""
+        idx = torch.randint(0, self.length, (k,), generator=generator, device=generator.device)
+        if self.x is not None:
+            idx = idx.to(self.device)
+            return self.x[idx], self.y[idx]
+        items = [self.dataset[i] for i in idx.tolist()]
+        return (torch.stack([x for x, _ in items]).to(self.device),
+                torch.tensor([y for _, y in items], device=self.device))

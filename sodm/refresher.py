@@ -1,0 +1,76 @@
+"""The mapping refresher: updates the mapping network with n' noise copies per input.
+
+Algorithm 1, lines 7-12: every m classifier steps, take the classifier's current weights (frozen),
+sample a mini-batch from its own sampler of the training data, draw n' noise copies of each input,
+and take one optimizer step on the mapping network's parameters against the same SODM objective.
+A version number counts the updates. This is the plain core: the training loop calls it in-process;
+the Ray actor (sodm.train's distributed path) wraps the same object.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sodm.config import TrainConfig
+from sodm.losses import sodm_loss
+from sodm.mapping import build_mapping
+from sodm.models import build_model
+
+REFRESHER_SEED_OFFSET = 7_919  # its sampler and noise differ from the training loop's streams
+
+
+class MappingRefresher:
+    def __init__(self, cfg: TrainConfig, spec: dict, data, device: torch.device | str = "cpu"):
+        """data: anything with `sample(k, generator) -> (x, y)` (sodm.data.TrainData)."""
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.classifier = build_model(spec["arch"], spec["num_classes"], spec["mean"], spec["std"],
+                                      spec["in_channels"]).to(self.device).eval()
+        self.classifier.requires_grad_(False)
+        self.mapping = build_mapping(cfg.mapping, spec["num_classes"], seed=cfg.seed).to(self.device)
+        self.optimizer = torch.optim.Adam(self.mapping.parameters(), lr=cfg.mapping_lr)
+        self.data = data
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + REFRESHER_SEED_OFFSET)
+        self.version = 0
+        self.seconds = 0.0
+        self.last_stats: dict[str, float] = {}
+
+    def update(self, classifier_state: dict, beta: float) -> int:
+        """One refresh from the given classifier weights; returns the new version."""
+        start = time.perf_counter()
+        cfg = self.cfg
+        self.classifier.load_state_dict(classifier_state)
+        x, y = self.data.sample(cfg.refresh_batch_size, self.generator)
+        x, y = x.to(self.device), y.to(self.device)
+        noise = torch.randn((len(y), cfg.n_prime, *x.shape[1:]), generator=self.generator,
+                            device=self.device).mul_(cfg.sigma)
+        with torch.no_grad():
+            logits = torch.cat([self.classifier(chunk.flatten(0, 1))
+                                for chunk in (x.unsqueeze(1) + noise).split(max(1, 4096 // cfg.n_prime))])
+        out = sodm_loss(logits.view(len(y), cfg.n_prime, -1).float(), y, beta=beta, rho=cfg.rho,
+                        mapping=self.mapping)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
+        self.version += 1
+        self.last_stats = {"refresh_loss": out.loss.item(), **out.stats}
+        self.seconds += time.perf_counter() - start
+        return self.version
+
+    def latest(self) -> tuple[int, dict]:
+        """The newest mapping: (version, its state_dict on the CPU)."""
+        return self.version, {k: v.detach().cpu().clone() for k, v in self.mapping.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        return {"mapping": self.mapping.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "version": self.version,
+                "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mapping.load_state_dict(state["mapping"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"].cpu())
+        self.version = int(state["version"])
+        self.seconds = float(state.get("seconds", 0.0))

@@ -1,0 +1,122 @@
+import json
+
+import pytest
+import torch
+
+from sodm import cli, train as train_mod
+from sodm.checkpoint import load_checkpoint, model_from_checkpoint
+from sodm.config import ConfigError, make_config
+from sodm.data import load_dataset
+from sodm.metrics import certified_accuracy
+from sodm.models import build_model
+from sodm.smoothing import Smooth, noise_generator
+
+FAST = dict(dataset="digits", epochs=2, eval_count=100, acr_quick_count=5, acr_quick_n=64,
+            cert_max=0, progress=False, train_subset=640)
+
+
+def quiet(_):
+    pass
+
+
+def cert_acc_at(model, radius=0.25, count=60, n=400):
+    test = load_dataset("digits", "test")
+    smooth = Smooth(model.eval(), 10, 0.25)
+    radii, correct = [], []
+    for i in range(count):
+        x, y = test[i * 6]
+        prediction, r = smooth.certify(x, 50, n, 0.001, 400, noise_generator(0, i))
+        radii.append(r)
+        correct.append(prediction == int(y))
+    return certified_accuracy(radii, correct, [radius])[0]
+
+
+def test_sodm_raises_certified_accuracy_and_refreshes_mapping(tmp_path):
+    cfg = make_config(**{**FAST, "epochs": 6, "train_subset": None}, out_dir=str(tmp_path / "run"),
+                      m=5)
+    steps = []
+    result = train_mod.train(cfg, log=quiet, on_step=lambda e, s: steps.append(s))
+    history = result["history"]
+    steps_total = len(steps)
+    assert history[-1]["step"] == steps_total
+    # The mapping network's version advances once every m steps.
+    assert history[-1]["mapping_version"] == steps_total // 5
+    assert [h["mapping_version"] for h in history] == [h["step"] // 5 for h in history]
+    assert all(0 < h["refresh_share"] < 1 for h in history)
+    trained = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "checkpoint.pt"))
+    torch.manual_seed(0)
+    untrained = build_model("small_cnn", 10, (0.3,), (0.4,))
+    before, after = cert_acc_at(untrained), cert_acc_at(trained)
+    assert after > before + 0.3, (before, after)
+    assert after >= 0.6
+    # Branch shares add up and the logs carry what the issue asks for.
+    last = history[-1]
+    assert last["frac_misclassified"] + last["frac_robust"] + last["frac_saturated"] == pytest.approx(1)
+    for key in ("acc_term", "rob_term", "test_clean_acc", "test_noisy_acc", "seconds", "acr_quick"):
+        assert key in last
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_same_seed_same_run_and_resume_after_a_crash_continues_it(tmp_path):
+    full = make_config(**{**FAST, "epochs": 3}, out_dir=str(tmp_path / "full"), seed=3)
+    train_mod.train(full, log=quiet)
+
+    crashed = make_config(**{**FAST, "epochs": 3}, out_dir=str(tmp_path / "crash"), seed=3)
+
+    def crash(epoch, step):
+        if epoch == 1 and step == 15:  # in the middle of the second epoch
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(crashed, log=quiet, on_step=crash)
+    assert load_checkpoint(tmp_path / "crash" / "checkpoint.pt")["epoch"] == 1
+    # Without --resume an existing run is never overwritten.
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train_mod.train(crashed, log=quiet)
+    result = train_mod.train(crashed, resume=True, log=quiet)
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "crash" / "checkpoint.pt")
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert torch.equal(a["refresher"]["mapping"]["bias"], b["refresher"]["mapping"]["bias"])
+    assert a["refresher"]["version"] == b["refresher"]["version"] > 0
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    # A resumed run must keep its settings.
+    changed = make_config(**{**FAST, "epochs": 3}, out_dir=str(tmp_path / "crash"), seed=3, beta=1.0)
+    with pytest.raises(ConfigError, match="beta"):
+        train_mod.train(changed, resume=True, log=quiet)
+
+
+@pytest.mark.parametrize("method", ["gaussian", "macer", "smoothadv"])
+def test_baselines_train_in_the_same_loop(tmp_path, method):
+    cfg = make_config(**{**FAST, "epochs": 2, "train_subset": None}, method=method,
+                      out_dir=str(tmp_path / method),
+                      smoothadv_steps=2, n=4)
+    history = train_mod.train(cfg, log=quiet)["history"]
+    assert history[0]["mapping_version"] == 0  # no mapping network outside SODM
+    assert history[-1]["test_clean_acc"] > 0.4  # two short epochs already learn something
+    assert load_checkpoint(tmp_path / method / "checkpoint.pt")["method"] == method
+
+
+def test_train_cli_certifies_and_rejects_bad_input(tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = cli.run(train_mod.main, "sodm.train", [
+        "--out-dir", str(out), "--epochs", "1", "--train-subset", "320", "--eval-count", "50",
+        "--acr-quick-count", "3", "--acr-quick-n", "32", "--cert-max", "5", "--cert-n", "200",
+        "--cert-n0", "20", "--no-progress", "--lr-milestones", "1"])
+    assert code == 0
+    assert "ACR" in capsys.readouterr().out
+    assert len((out / "certify.tsv").read_text().splitlines()) == 6
+    assert (out / "certify.png").exists() and (out / "certify.tsv.json").exists()
+    for argv, message in [
+        (["--rho", "1.2"], "rho"), (["--n", "0"], "n:"), (["--m", "0"], "m:"),
+        (["--sigma", "0"], "sigma"), (["--arch", "vgg"], "unknown architecture"),
+        (["--dataset", "mnist"], "unknown data set"), (["--method", "trades"], "method"),
+        (["--dataset", "cifar10", "--data-dir", str(tmp_path)], "neither train/ and test/"),
+        (["--dataset", "cifar10"], "needs data_dir"), (["--lr-milestones", "a,b"], "lr-milestones"),
+        (["--out-dir", str(out), "--epochs", "1"], "already holds a run"),
+    ]:
+        assert cli.run(train_mod.main, "sodm.train", argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
