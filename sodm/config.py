@@ -95,6 +95,13 @@ class TrainConfig(BaseModel):
     cert_skip: int = Field(20, ge=1)
     cert_max: Optional[int] = Field(500, ge=0)
     progress: bool = True
+    # distributed training (Ray Train); num_workers 0 trains in this process without Ray
+    num_workers: int = Field(0, ge=0, description="Ray Train workers (0: in-process, no Ray)")
+    use_gpu: bool = False
+    max_failures: int = Field(2, ge=0, description="worker-group restarts before the run fails")
+    refresher_sync: bool = False  # wait for each mapping refresh (deterministic, slower)
+    refresher_cpus: float = Field(1.0, gt=0)
+    refresher_gpus: float = Field(0.25, ge=0, le=1, description="GPU share of the refresher when use_gpu")
 
     @field_validator("arch")
     @classmethod
@@ -140,7 +147,7 @@ def make_config(**values: Any) -> TrainConfig:
     dataset = values.get("dataset", "digits")
     if dataset not in DATASETS:
         raise ConfigError(f"dataset: unknown data set {dataset!r}; known: {', '.join(DATASETS)}")
-    merged = {**PAPER_DEFAULTS[dataset], **{k: v for k, v in values.items() if v is not None}}
+    merged = {**PAPER_DEFAULTS[dataset], **values}
     try:
         return TrainConfig(**merged)
     except ValidationError as e:

@@ -195,8 +195,10 @@ class TrainData:
 
     def __init__(self, name: str, data_dir, batch_size: int, device: torch.device, seed: int,
                  augment: bool = True, subset: int | None = None, download: bool = False,
-                 loader_workers: int = 8):
+                 loader_workers: int = 8, rank: int = 0, world_size: int = 1):
+        """batch_size is per rank; each rank reads its own shard of every epoch's order."""
         self.name, self.batch_size, self.device, self.seed = name, batch_size, device, seed
+        self.rank, self.world_size = rank, world_size
         self.augment = augment and name == "cifar10"
         self.x = self.y = self.dataset = None
         if name in ("digits", "cifar10"):
@@ -215,12 +217,14 @@ class TrainData:
             self.loader_workers = loader_workers
 
     def steps_per_epoch(self) -> int:
-        return -(-self.length // self.batch_size)
+        return -(-(self.length // self.world_size) // self.batch_size)
 
     def epoch(self, epoch: int, aug_generator: torch.Generator | None = None):
-        """Yield this epoch's (x, y) batches on the device."""
+        """Yield this rank's (x, y) batches of the epoch on the device. The epoch's order is cut
+        to a multiple of the world size so that every rank takes the same number of steps."""
         order = torch.randperm(self.length, generator=torch.Generator().manual_seed(
             self.seed * 1_000_003 + epoch))
+        order = order[: len(order) - len(order) % self.world_size][self.rank::self.world_size]
         if self.x is not None:
             for idx in order.to(self.device).split(self.batch_size):
                 x = self.x[idx]

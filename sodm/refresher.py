@@ -9,6 +9,7 @@ the Ray actor (sodm.train's distributed path) wraps the same object.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -36,6 +37,9 @@ class MappingRefresher:
         self.version = 0
         self.seconds = 0.0
         self.last_stats: dict[str, float] = {}
+        # Guards the parameters and version against a concurrent `latest` (the Ray actor answers
+        # queries while an update runs); the expensive forward pass runs outside it.
+        self._lock = threading.Lock()
 
     def update(self, classifier_state: dict, beta: float) -> int:
         """One refresh from the given classifier weights; returns the new version."""
@@ -53,15 +57,22 @@ class MappingRefresher:
                         mapping=self.mapping)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        self.optimizer.step()
-        self.version += 1
+        with self._lock:
+            self.optimizer.step()
+            self.version += 1
         self.last_stats = {"refresh_loss": out.loss.item(), **out.stats}
         self.seconds += time.perf_counter() - start
         return self.version
 
+    def refresh(self, classifier_state: dict, beta: float) -> tuple[int, dict]:
+        """What the training loop calls every m steps: update, then hand back the newest mapping."""
+        self.update(classifier_state, beta)
+        return self.latest()
+
     def latest(self) -> tuple[int, dict]:
         """The newest mapping: (version, its state_dict on the CPU)."""
-        return self.version, {k: v.detach().cpu().clone() for k, v in self.mapping.state_dict().items()}
+        with self._lock:
+            return self.version, {k: v.detach().cpu().clone() for k, v in self.mapping.state_dict().items()}
 
     def state_dict(self) -> dict:
         return {"mapping": self.mapping.state_dict(), "optimizer": self.optimizer.state_dict(),

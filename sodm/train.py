@@ -93,6 +93,17 @@ def eval_tensors(cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
             torch.tensor([b for _, b in items], device=device))
 
 
+def state_digest(module: torch.nn.Module) -> str:
+    """A short hash of a module's state, to compare it across ranks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
     now = cfg.model_dump()
     diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
@@ -102,25 +113,63 @@ def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
                           + "); use another out_dir")
 
 
+class LocalSession:
+    """A single process: checkpoints in out_dir/checkpoint.pt, no collectives.
+    `sodm.distributed.RaySession` is the same interface over Ray Train workers and DDP."""
+
+    rank, world_size, is_main = 0, 1, True
+
+    def __init__(self, out_dir: Path, device: torch.device):
+        self.ckpt_path = out_dir / "checkpoint.pt"
+        self.device = device
+
+    def load(self) -> dict | None:
+        return load_checkpoint(self.ckpt_path, map_location=self.device) if self.ckpt_path.exists() else None
+
+    def save(self, write: Callable[[Path], None], record: dict) -> None:
+        write(self.ckpt_path)
+
+    def wrap(self, model):
+        return model
+
+    def broadcast(self, obj):
+        return obj
+
+    def all_gather(self, obj) -> list:
+        return [obj]
+
+    def all_reduce_sum(self, values: dict[str, float]) -> dict[str, float]:
+        return values
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print,
           on_step: Callable[[int, int], None] | None = None,
-          on_epoch: Callable[[dict], None] | None = None, certify: bool = True) -> dict[str, Any]:
-    """Train per cfg (resuming from cfg.out_dir/checkpoint.pt when resume), then certify.
+          on_epoch: Callable[[dict], None] | None = None, certify: bool = True,
+          session=None, refresher=None) -> dict[str, Any]:
+    """Train per cfg (resuming from the session's last checkpoint when resume), then certify.
 
+    session: LocalSession (default) or a distributed one; refresher: the mapping refresher (default:
+    an in-process MappingRefresher for SODM with a trainable mapping; a RemoteRefresher under Ray).
     on_step(epoch, step) is called after every optimizer step, on_epoch(record) after every epoch.
-    Returns {"history": [...per-epoch records...], "certification": {...} or None}."""
+    Returns {"history": [...per-epoch records...], "certification": {...} or None, "out_dir"}."""
     out_dir = Path(cfg.out_dir).expanduser().resolve()
-    ckpt_path = out_dir / "checkpoint.pt"
-    if ckpt_path.exists() and not resume:
+    device = session.device if session is not None else cli.pick_device(cfg.device)
+    session = session or LocalSession(out_dir, device)
+    rank, world = session.rank, session.world_size
+    if session.is_main and isinstance(session, LocalSession) and session.ckpt_path.exists() and not resume:
         raise ConfigError(f"{out_dir} already holds a run; resume it (--resume) or use another out_dir")
-    device = cli.pick_device(cfg.device)
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {world} workers")
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
     info = dataset_info(cfg.dataset)
     spec = model_spec(cfg.arch, info.num_classes, info.mean, info.std, info.input_shape[0])
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg.arch, info.num_classes, info.mean, info.std).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
@@ -130,72 +179,90 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones, cfg.lr_gamma)
-    data = TrainData(cfg.dataset, cfg.data_dir, cfg.batch_size, device, cfg.seed, cfg.augment,
-                     cfg.train_subset, cfg.download)
-    test_x, test_y = eval_tensors(cfg, device)
-    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    data = TrainData(cfg.dataset, cfg.data_dir, cfg.batch_size // world, device, cfg.seed,
+                     cfg.augment, cfg.train_subset, cfg.download, rank=rank, world_size=world)
+    test_x, test_y = eval_tensors(cfg, device) if session.is_main else (None, None)
+    # A distinct, seeded noise (and augmentation) stream per rank, saved in every checkpoint.
+    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1_000 * rank)
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1_000 * rank + 1)
     mapping = build_mapping(cfg.mapping if cfg.method == "sodm" else "softmax", info.num_classes,
                             seed=cfg.seed).to(device).requires_grad_(False)
-    refresher = (MappingRefresher(cfg, spec, data, device)
-                 if cfg.method == "sodm" and is_trainable(mapping) else None)
+    # A trainable mapping is refreshed every m steps; only rank 0 talks to the refresher.
+    dynamic = cfg.method == "sodm" and is_trainable(mapping)
+    if not dynamic or not session.is_main:
+        refresher = None
+    elif refresher is None:
+        refresher = MappingRefresher(cfg, spec, data, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext()
 
     start_epoch, step, train_seconds, history, budget_spent = 0, 0, 0.0, [], False
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
+    ckpt = session.load() if (resume or not isinstance(session, LocalSession)) else None
+    if ckpt is not None:
         _check_resumable(ckpt["config"], cfg)
+        if len(ckpt["rank_rng"]) != world:
+            raise ConfigError(f"the checkpoint was written by {len(ckpt['rank_rng'])} workers, "
+                              f"not {world}; resume with the same number of workers")
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        noise_gen.set_state(ckpt["noise_generator"].cpu())
-        aug_gen.set_state(ckpt["aug_generator"].cpu())
-        torch.set_rng_state(ckpt["cpu_rng"].cpu())
+        mine = ckpt["rank_rng"][rank]
+        noise_gen.set_state(mine["noise"].cpu())
+        aug_gen.set_state(mine["aug"].cpu())
+        torch.set_rng_state(mine["cpu"].cpu())
         if refresher is not None:
             refresher.load_state_dict(ckpt["refresher"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         train_seconds, history = ckpt["train_seconds"], list(ckpt["history"])
         budget_spent = ckpt.get("budget_spent", False)
-        log(f"resumed {out_dir} at epoch {start_epoch} (step {step})")
+        if session.is_main:
+            log(f"resumed {out_dir} at epoch {start_epoch} (step {step})")
     elif cfg.init_checkpoint:
         init = load_checkpoint(cfg.init_checkpoint, map_location=device)
         if init["model"]["arch"] != cfg.arch:
             raise CheckpointError(f"init_checkpoint is a {init['model']['arch']}, not a {cfg.arch}")
         model.load_state_dict(init["state_dict"])
-        log(f"initialised from {cfg.init_checkpoint}")
-    if refresher is not None:
-        mapping.load_state_dict(refresher.latest()[1])
+        if session.is_main:
+            log(f"initialised from {cfg.init_checkpoint}")
+    if dynamic:
+        # Every rank starts from rank 0's mapping (the refresher's current version).
+        mapping.load_state_dict(session.broadcast(refresher.latest() if session.is_main else None)[1])
+    net = session.wrap(model)  # DDP across ranks; the model itself under one process
 
-    def checkpoint(epoch_done: int):
+    def checkpoint(epoch_done: int, record: dict):
+        rank_rng = session.all_gather({"noise": noise_gen.get_state(), "aug": aug_gen.get_state(),
+                                       "cpu": torch.get_rng_state()})
+        if not session.is_main:
+            session.save(None, record)
+            return
         extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "noise_generator": noise_gen.get_state(), "aug_generator": aug_gen.get_state(),
-                 "cpu_rng": torch.get_rng_state(), "epoch": epoch_done, "step": step,
+                 "rank_rng": rank_rng, "epoch": epoch_done, "step": step,
                  "train_seconds": train_seconds, "history": history, "budget_spent": budget_spent}
         if refresher is not None:
             extra["refresher"] = refresher.state_dict()
-        save_checkpoint(ckpt_path, model, spec, dataset=cfg.dataset, sigma=cfg.sigma,
-                        method=cfg.method, config=cfg.model_dump(), **extra)
+        session.save(lambda path: save_checkpoint(
+            path, model, spec, dataset=cfg.dataset, sigma=cfg.sigma, method=cfg.method,
+            config=cfg.model_dump(), **extra), record)
         (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2) + "\n")
-    model.train()
+    if session.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2) + "\n")
+    net.train()
     for epoch in range(start_epoch, cfg.epochs):
         if budget_spent:
             break
         beta = cfg.beta_at(epoch)
         sums: dict[str, float] = {}
-        seen = 0
-        refresh_before = refresher.seconds if refresher else 0.0
+        refresh_wait = 0.0
         epoch_start = time.perf_counter()
         batches = data.epoch(epoch, aug_gen)
-        if cfg.progress:
+        if cfg.progress and session.is_main:
             from tqdm import tqdm
 
             batches = tqdm(batches, total=data.steps_per_epoch(), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            file=sys.stderr, leave=False, mininterval=1.0)
         for x, y in batches:
-            out, logits = compute_loss(cfg, model, x, y, noise_gen, mapping, beta, autocast, cuda)
+            out, logits = compute_loss(cfg, net, x, y, noise_gen, mapping, beta, autocast, cuda)
             if not math.isfinite(loss_value := out.loss.item()):
                 raise FloatingPointError(f"non-finite {cfg.method} loss {loss_value} at epoch "
                                          f"{epoch + 1}, step {step + 1}; lower lr or beta")
@@ -204,39 +271,55 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
             optimizer.step()
             step += 1
             b = len(y)
-            seen += b
             stats = {"loss": loss_value, **out.stats,
                      "train_noisy_acc": (logits.argmax(-1) == y[:, None]).float().mean().item()}
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v * b
-            if refresher is not None and step % cfg.m == 0:
-                refresher.update(model.state_dict(), beta)
-                mapping.load_state_dict(refresher.latest()[1])
+            sums["samples"] = sums.get("samples", 0.0) + b
+            if dynamic and step % cfg.m == 0:
+                # Rank 0 hands the refresher the classifier's weights and takes the newest mapping;
+                # every rank switches to it at this same step.
+                t = time.perf_counter()
+                newest = refresher.refresh(model.state_dict(), beta) if session.is_main else None
+                mapping.load_state_dict(session.broadcast(newest)[1])
+                refresh_wait += time.perf_counter() - t
             if on_step is not None:
                 on_step(epoch, step)
-            if cfg.time_budget_s and train_seconds + time.perf_counter() - epoch_start > cfg.time_budget_s:
+            if cfg.time_budget_s and session.any(
+                    train_seconds + time.perf_counter() - epoch_start > cfg.time_budget_s):
                 budget_spent = True
                 break
         scheduler.step()
         seconds = time.perf_counter() - epoch_start
         train_seconds += seconds
-        clean, noisy = evaluate(model, test_x, test_y, cfg.sigma, cfg.seed)
-        quick = acr_quick(model, test_x[: cfg.acr_quick_count], test_y[: cfg.acr_quick_count],
-                          cfg, info.num_classes)
-        refresh_seconds = (refresher.seconds - refresh_before) if refresher else 0.0
-        record = {"epoch": epoch + 1, "step": step, **{k: v / max(seen, 1) for k, v in sums.items()},
-                  "test_clean_acc": clean, "test_noisy_acc": noisy, "acr_quick": quick,
+        sums = session.all_reduce_sum(sums)
+        seen = max(sums.pop("samples", 0.0), 1.0)
+        record = {"epoch": epoch + 1, "step": step, **{k: v / seen for k, v in sums.items()},
                   "lr": optimizer.param_groups[0]["lr"], "beta": beta, "seconds": seconds,
-                  "refresh_share": refresh_seconds / seconds if seconds else 0.0,
-                  "mapping_version": refresher.version if refresher else 0,
+                  "refresh_share": refresh_wait / seconds if seconds else 0.0,
+                  "mapping_version": refresher.version if refresher is not None else 0,
                   "train_seconds": train_seconds}
-        history.append(record)
-        checkpoint(epoch + 1)
-        log(format_record(record))
-        if on_epoch is not None:
-            on_epoch(record)
+        if dynamic:
+            # Every rank must use the same mapping at every step; a disagreement is a bug.
+            digests = session.all_gather(state_digest(mapping))
+            if len(set(digests)) > 1:
+                raise RuntimeError(f"ranks hold different mappings at step {step}: {digests}")
+            record["mapping_digests"] = digests
+        if session.is_main:
+            clean, noisy = evaluate(model, test_x, test_y, cfg.sigma, cfg.seed)
+            record.update(test_clean_acc=clean, test_noisy_acc=noisy, acr_quick=acr_quick(
+                model, test_x[: cfg.acr_quick_count], test_y[: cfg.acr_quick_count], cfg,
+                info.num_classes))
+            history.append(record)
+        checkpoint(epoch + 1, record)
+        if session.is_main:
+            log(format_record(record))
+            if on_epoch is not None:
+                on_epoch(record)
 
-    certification = certify_run(cfg, model, out_dir, ckpt_path, device, log) if certify else None
+    certification = None
+    if certify and session.is_main and isinstance(session, LocalSession):
+        certification = certify_run(cfg, model, out_dir, session.ckpt_path, device, log)
     return {"history": history, "certification": certification, "out_dir": str(out_dir)}
 
 
@@ -317,7 +400,12 @@ def main(argv=None) -> int:
         cfg = make_config(**given)
         if cfg.dataset != "digits":
             load_dataset(cfg.dataset, "test", cfg.data_dir, download=cfg.download)
-        train(cfg, resume=resume)
+        if cfg.num_workers > 0:
+            from sodm import distributed
+
+            distributed.run(cfg, resume=resume)
+        else:
+            train(cfg, resume=resume)
     except (ConfigError, DataError, CheckpointError) as e:
         raise cli.UsageError(str(e)) from None
     return 0

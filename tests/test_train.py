@@ -120,3 +120,15 @@ def test_train_cli_certifies_and_rejects_bad_input(tmp_path, capsys):
         assert cli.run(train_mod.main, "sodm.train", argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_train_cli_uses_ray_train_with_workers(tmp_path, monkeypatch):
+    from sodm import distributed
+
+    seen = {}
+    monkeypatch.setattr(distributed, "run", lambda cfg, resume: seen.update(cfg=cfg, resume=resume))
+    code = cli.run(train_mod.main, "sodm.train", ["--out-dir", str(tmp_path), "--num-workers", "2",
+                                                   "--refresher-sync", "--resume"])
+    assert code == 0
+    assert seen["cfg"].num_workers == 2 and seen["cfg"].refresher_sync and seen["resume"]
+    assert cli.run(train_mod.main, "sodm.train", ["--num-workers", "-1"]) == 2

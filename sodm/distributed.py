@@ -1,0 +1,265 @@
+"""Ray Train: the training loop of `sodm.train` data-parallel across Ray workers (DDP), with the
+mapping refresher as a Ray actor beside them.
+
+The driver (`run`) creates the refresher actor with its own resources, then a `TorchTrainer` whose
+workers run `sodm.train.train` with a `RaySession` (checkpoints and metrics through
+`ray.train.report`, collectives through torch.distributed) and, on rank 0, a `RemoteRefresher`.
+The actor outlives worker-group restarts; its state is part of every checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from sodm.checkpoint import load_checkpoint, model_from_checkpoint, model_spec
+from sodm.config import ConfigError, TrainConfig
+from sodm.data import TrainData, dataset_info
+from sodm.mapping import build_mapping, is_trainable
+from sodm.refresher import MappingRefresher
+
+RUN_NAME = "ray_train"  # the Ray Train run inside out_dir: out_dir/ray_train/checkpoint_*/
+
+
+class RaySession:
+    """The loop's view of a Ray Train worker: rank, device, checkpoints, collectives."""
+
+    def __init__(self):
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.is_main = self.rank == 0
+        self.device = ray.train.torch.get_device()
+
+    def load(self) -> dict | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as d:
+            return load_checkpoint(Path(d) / "checkpoint.pt", map_location=self.device)
+
+    def save(self, write: Callable[[Path], None] | None, record: dict) -> None:
+        """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
+        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        if write is None:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            write(Path(d) / "checkpoint.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def wrap(self, model):
+        if self.world_size == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def broadcast(self, obj):
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather(self, obj) -> list:
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_reduce_sum(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(keys, t.tolist()))
+
+    def any(self, flag: bool) -> bool:
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+@ray.remote(concurrency_groups={"update": 1, "query": 1}, max_restarts=-1)
+class RefresherActor:
+    """The mapping refresher of one run: its mapping network, optimizer and training-data sampler.
+    Updates run one at a time; `latest` answers while an update runs."""
+
+    def __init__(self, config: dict, spec: dict):
+        cfg = TrainConfig(**config)
+        device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        data = TrainData(cfg.dataset, cfg.data_dir, cfg.refresh_batch_size, device, cfg.seed,
+                         augment=False, subset=cfg.train_subset, download=False)
+        self.core = MappingRefresher(cfg, spec, data, device)
+
+    @ray.method(concurrency_group="update")
+    def update(self, classifier_state: dict, beta: float) -> int:
+        return self.core.update(classifier_state, beta)
+
+    @ray.method(concurrency_group="query")
+    def latest(self) -> tuple[int, dict]:
+        return self.core.latest()
+
+    @ray.method(concurrency_group="update")
+    def state_dict(self) -> dict:
+        return {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in self.core.state_dict().items()}
+
+    @ray.method(concurrency_group="update")
+    def load_state_dict(self, state: dict) -> int:
+        self.core.load_state_dict(state)
+        return self.core.version
+
+
+class RemoteRefresher:
+    """Rank 0's handle on the refresher actor, with the in-process refresher's interface.
+
+    Asynchronous by default: `refresh` hands over the weights (one object-store put) unless an
+    update is still running, and returns the newest finished mapping; training never waits for an
+    update. Synchronous (`synchronous=True`): it waits for each update, which makes runs
+    deterministic. If the actor dies, Ray restarts it and it is reloaded from the state of the last
+    checkpoint; each recovery is logged."""
+
+    def __init__(self, handle, synchronous: bool = False, log: Callable[[str], None] = print):
+        self.handle, self.synchronous, self.log = handle, synchronous, log
+        self.pending = None
+        self.version = 0
+        self.skipped = 0  # refreshes not started because the previous one was still running
+        self.recoveries = 0
+        self._checkpointed: dict | None = None
+
+    def _call(self, method: str, *args, retries: int = 30):
+        for attempt in range(retries):
+            try:
+                return ray.get(getattr(self.handle, method).remote(*args))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                self.pending = None
+                time.sleep(min(2.0, 0.1 * 2 ** attempt))
+                self._recover(e)
+        raise RuntimeError(f"the mapping refresher did not come back after {retries} attempts")
+
+    def _recover(self, error) -> None:
+        try:
+            if self._checkpointed is not None:
+                version = ray.get(self.handle.load_state_dict.remote(self._checkpointed))
+            else:
+                version = 0
+            self.recoveries += 1
+            self.log(f"mapping refresher restarted ({type(error).__name__}); restored from the "
+                     f"checkpointed mapping state, version {version}")
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            pass  # still restarting: the caller retries
+
+    def refresh(self, classifier_state: dict, beta: float) -> tuple[int, dict]:
+        if self.pending is not None:
+            done, _ = ray.wait([self.pending], timeout=0)
+            if done:
+                self._finish()
+        if self.pending is None:
+            weights = ray.put({k: v.detach().cpu() for k, v in classifier_state.items()})
+            self.pending = self.handle.update.remote(weights, beta)
+            if self.synchronous:
+                self._finish()
+        else:
+            self.skipped += 1
+        return self.latest()
+
+    def _finish(self) -> None:
+        try:
+            ray.get(self.pending)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            self._recover(e)
+        self.pending = None
+
+    def latest(self) -> tuple[int, dict]:
+        self.version, state = self._call("latest")
+        return self.version, state
+
+    def state_dict(self) -> dict:
+        self._checkpointed = self._call("state_dict")
+        return self._checkpointed
+
+    def load_state_dict(self, state: dict) -> None:
+        self._checkpointed = state
+        self.version = self._call("load_state_dict", state)
+
+
+def _worker(config: dict) -> None:
+    """What each Ray Train worker runs: the one training loop, under a RaySession."""
+    from sodm.train import train
+
+    cfg = TrainConfig(**config["cfg"])
+    session = RaySession()
+    refresher = None
+    if session.is_main and config["refresher"] is not None:
+        refresher = RemoteRefresher(config["refresher"], cfg.refresher_sync)
+    train(cfg, resume=True, session=session, refresher=refresher, certify=False,
+          log=lambda s: print(s, flush=True))
+
+
+def init_ray(**kwargs) -> None:
+    """Join the cluster at RAY_ADDRESS when set; otherwise start a local instance."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), **kwargs)
+
+
+def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print,
+        certify: bool = True, run_name: str = RUN_NAME) -> dict[str, Any]:
+    """Train cfg with cfg.num_workers Ray Train workers (and the refresher actor), then certify
+    the final checkpoint in this process. Resumes from out_dir when resume."""
+    from ray.train.torch import TorchTrainer
+
+    out_dir = Path(cfg.out_dir).expanduser().resolve()
+    if (out_dir / run_name).exists() and not resume:
+        raise ConfigError(f"{out_dir} already holds a run; resume it (--resume) or use another out_dir")
+    if cfg.batch_size % cfg.num_workers:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of num_workers {cfg.num_workers}")
+    init_ray()
+    if cfg.use_gpu and not ray.cluster_resources().get("GPU"):
+        raise ConfigError("use_gpu: the Ray cluster has no GPU")
+    info = dataset_info(cfg.dataset)
+    spec = model_spec(cfg.arch, info.num_classes, info.mean, info.std, info.input_shape[0])
+    refresher = None
+    if cfg.method == "sodm" and is_trainable(build_mapping(cfg.mapping, info.num_classes)):
+        refresher = RefresherActor.options(
+            num_cpus=cfg.refresher_cpus, num_gpus=cfg.refresher_gpus if cfg.use_gpu else 0,
+        ).remote(cfg.model_dump(), spec)
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"cfg": cfg.model_dump(), "refresher": refresher},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=str(out_dir),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"the run in {out_dir} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        final = out_dir / "checkpoint.pt"
+        shutil.copyfile(Path(d) / "checkpoint.pt", final.with_suffix(".tmp"))
+        final.with_suffix(".tmp").replace(final)
+    ckpt = load_checkpoint(final)
+    certification = None
+    if certify:
+        from sodm.train import certify_run
+
+        device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        certification = certify_run(cfg, model_from_checkpoint(ckpt, device), out_dir, final,
+                                    device, log)
+    return {"history": ckpt["history"], "certification": certification, "out_dir": str(out_dir),
+            "refresher": refresher}

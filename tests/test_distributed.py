@@ -1,0 +1,102 @@
+"""Ray Train on the CPU: two DDP workers plus the refresher actor on `digits`."""
+
+import logging
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from sodm import distributed  # noqa: E402
+from sodm.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from sodm.config import ConfigError, make_config  # noqa: E402
+
+QUIET = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+         "RAY_TRAIN_METRICS_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+FAST = dict(dataset="digits", num_workers=2, progress=False, eval_count=100, acr_quick_count=5,
+            acr_quick_n=64, cert_max=0)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    old = {k: os.environ.get(k) for k in QUIET}
+    os.environ.update(QUIET)
+    ray.init(num_cpus=4, logging_level=logging.WARNING, include_dashboard=True)
+    yield
+    ray.shutdown()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_two_workers_and_refresher(local_ray, tmp_path):
+    cfg = make_config(**FAST, epochs=4, out_dir=str(tmp_path / "run"), refresher_sync=True, m=5)
+    result = distributed.run(cfg, certify=False)
+    history = result["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    # 1,437 digits cut to 1,436, 718 per worker in batches of 32: 23 steps an epoch.
+    assert [h["step"] for h in history] == [23 * e for e in (1, 2, 3, 4)]
+    # Synchronous refresh: the version advances exactly every m steps.
+    assert [h["mapping_version"] for h in history] == [h["step"] // 5 for h in history]
+    # Both ranks held the same mapping at every epoch's end.
+    for h in history:
+        assert len(h["mapping_digests"]) == 2 and len(set(h["mapping_digests"])) == 1
+    assert len({h["mapping_digests"][0] for h in history}) == 4  # ...and it changed every epoch
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["test_clean_acc"] > 0.7
+    # The checkpoint restores the classifier and the mapping.
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    model = model_from_checkpoint(ckpt)
+    x = torch.rand(4, 1, 8, 8)
+    assert model(x).shape == (4, 10)
+    assert ckpt["refresher"]["version"] == history[-1]["mapping_version"]
+    assert len(ckpt["rank_rng"]) == 2
+    latest_version, latest_state = ray.get(result["refresher"].latest.remote())
+    assert latest_version == ckpt["refresher"]["version"]
+    assert torch.equal(latest_state["bias"], ckpt["refresher"]["mapping"]["bias"])
+    # A finished run is not overwritten without --resume.
+    with pytest.raises(ConfigError, match="already holds a run"):
+        distributed.run(cfg, certify=False)
+
+
+def _kill_when(path, epoch_line, class_name, killed):
+    """Wait until metrics.jsonl has `epoch_line` lines, then SIGKILL one actor of class_name."""
+    from ray.util.state import list_actors
+
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= epoch_line:
+            actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                      if a.class_name == class_name and a.pid]
+            if actors:
+                os.kill(actors[-1].pid, signal.SIGKILL)
+                killed.append(class_name)
+                return
+        time.sleep(0.2)
+
+
+def test_killed_worker_and_refresher_recover(local_ray, tmp_path):
+    cfg = make_config(**FAST, epochs=5, out_dir=str(tmp_path / "run"), max_failures=2)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    killed = []
+
+    def chaos():
+        _kill_when(metrics, 1, "RayTrainWorker", killed)
+        _kill_when(metrics, 3, "RefresherActor", killed)
+
+    thread = threading.Thread(target=chaos, daemon=True)
+    thread.start()
+    result = distributed.run(cfg, certify=False)
+    thread.join(timeout=5)
+    assert killed == ["RayTrainWorker", "RefresherActor"]
+    history = result["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]  # nothing skipped
+    assert history[-1]["mapping_version"] > 0
+    assert history[-1]["test_clean_acc"] > 0.7
