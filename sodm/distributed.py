@@ -206,20 +206,41 @@ def _worker(config: dict) -> None:
     refresher = None
     if session.is_main and config["refresher"] is not None:
         refresher = RemoteRefresher(config["refresher"], cfg.refresher_sync)
+    on_epoch = None
+    tracking = config.get("tracking")
+    if session.is_main and tracking:
+        from sodm import tracking as mlflow_tracking
+
+        def on_epoch(record):
+            mlflow_tracking.log_metrics(tracking["uri"], tracking["run_id"], record, step=record["epoch"])
+
     train(cfg, resume=True, session=session, refresher=refresher, certify=False,
-          log=lambda s: print(s, flush=True))
+          log=lambda s: print(s, flush=True), on_epoch=on_epoch)
+
+
+def latest_checkpoint(out_dir: str | Path, run_name: str = RUN_NAME) -> Path | None:
+    """The newest checkpoint of a run in out_dir (the final copy, else Ray Train's latest)."""
+    out_dir = Path(out_dir)
+    if (out_dir / "checkpoint.pt").exists():
+        return out_dir / "checkpoint.pt"
+    found = sorted((out_dir / run_name).glob("checkpoint_*/checkpoint.pt"))
+    return found[-1] if found else None
 
 
 def init_ray(**kwargs) -> None:
     """Join the cluster at RAY_ADDRESS when set; otherwise start a local instance."""
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), **kwargs)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, **kwargs)
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print,
-        certify: bool = True, run_name: str = RUN_NAME) -> dict[str, Any]:
+        certify: bool = True, run_name: str = RUN_NAME, callbacks: list | None = None,
+        tracking: dict | None = None) -> dict[str, Any]:
     """Train cfg with cfg.num_workers Ray Train workers (and the refresher actor), then certify
-    the final checkpoint in this process. Resumes from out_dir when resume."""
+    the final checkpoint in this process. Resumes from out_dir when resume.
+
+    callbacks: Ray Train callbacks (Tune's TuneReportCallback inside a trial); tracking:
+    {"uri", "run_id"} of the MLflow run that rank 0 logs every epoch to."""
     from ray.train.torch import TorchTrainer
 
     out_dir = Path(cfg.out_dir).expanduser().resolve()
@@ -239,18 +260,20 @@ def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = 
         ).remote(cfg.model_dump(), spec)
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg.model_dump(), "refresher": refresher},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        train_loop_config={"cfg": cfg.model_dump(), "refresher": refresher, "tracking": tracking},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.worker_cpus, **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(out_dir),
+            name=run_name, storage_path=str(out_dir), callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"the run in {out_dir} finished without a checkpoint")
+    final = out_dir / "checkpoint.pt"
     with result.checkpoint.as_directory() as d:
-        final = out_dir / "checkpoint.pt"
         shutil.copyfile(Path(d) / "checkpoint.pt", final.with_suffix(".tmp"))
         final.with_suffix(".tmp").replace(final)
     ckpt = load_checkpoint(final)

@@ -73,7 +73,8 @@ def _kill_when(path, epoch_line, class_name, killed):
     deadline = time.time() + 240
     while time.time() < deadline:
         if path.exists() and len(path.read_text().splitlines()) >= epoch_line:
-            actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+            address = ray.get_runtime_context().gcs_address  # this test's instance, not another
+            actors = [a for a in list_actors(address=address, filters=[("state", "=", "ALIVE")])
                       if a.class_name == class_name and a.pid]
             if actors:
                 os.kill(actors[-1].pid, signal.SIGKILL)

@@ -1,0 +1,429 @@
+"""`python -m sodm.tune --space cifar10.yaml`: a Ray Tune search over SODM's knobs (beta, rho, the
+mapping interval m, n, and any other config key), each trial a Ray Train run with its refresher,
+every trial and its ACR recorded in MLflow, the best trials certified properly at the end.
+
+A space file (YAML) holds: name, base (fixed config values), space (key: distribution), search
+(algorithm, num_samples, metric, mode, scheduler), resources (per trial), final (certification
+of the best trials) and mlflow (experiment, tracking_uri). See tune_spaces/*.yaml. A bare name is
+looked up in tune_spaces/; a path is taken as given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sodm import cli
+from sodm.config import ConfigError, TrainConfig, format_validation_error, make_config
+
+TUNE_SPACES = Path(__file__).resolve().parent.parent / "tune_spaces"
+DEFAULT_STORAGE = "ray_results"
+
+
+class SpaceError(ValueError):
+    """A space file that cannot be used; the message names the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Distribution(Strict):
+    type: Literal["uniform", "loguniform", "randint", "choice", "grid"]
+    lower: Optional[float] = None
+    upper: Optional[float] = None
+    values: Optional[list[Any]] = None
+
+    def candidates(self) -> list[Any]:
+        """The values the search can propose at the edges: bounds, or every listed value."""
+        if self.type in ("choice", "grid"):
+            return list(self.values)
+        if self.type == "randint":
+            return [int(self.lower), int(self.upper) - 1]
+        return [self.lower, self.upper]
+
+    def check(self) -> str | None:
+        if self.type in ("choice", "grid"):
+            if not self.values:
+                return f"{self.type} needs a non-empty list of values"
+            if self.lower is not None or self.upper is not None:
+                return f"{self.type} takes values, not lower/upper"
+            return None
+        if self.lower is None or self.upper is None:
+            return f"{self.type} needs lower and upper"
+        if self.values is not None:
+            return f"{self.type} takes lower/upper, not values"
+        if not self.lower < self.upper:
+            return f"empty range: lower {self.lower} must be < upper {self.upper}"
+        if self.type == "loguniform" and self.lower <= 0:
+            return f"loguniform needs lower > 0, got {self.lower}"
+        if self.type == "randint" and (self.lower != int(self.lower) or self.upper != int(self.upper)):
+            return "randint needs integer bounds (upper exclusive)"
+        return None
+
+    def to_tune(self):
+        from ray import tune
+
+        if self.type == "uniform":
+            return tune.uniform(self.lower, self.upper)
+        if self.type == "loguniform":
+            return tune.loguniform(self.lower, self.upper)
+        if self.type == "randint":
+            return tune.randint(int(self.lower), int(self.upper))
+        if self.type == "choice":
+            return tune.choice(self.values)
+        return tune.grid_search(self.values)
+
+
+class Search(Strict):
+    algorithm: Literal["random", "grid", "tpe"] = "random"
+    num_samples: int = Field(4, ge=1)
+    metric: str = "acr_quick"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["fifo", "asha"] = "asha"
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial may be cut")
+    reduction_factor: float = Field(2.0, gt=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+
+
+class Resources(Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    worker_cpus: float = Field(1.0, gt=0)
+    trial_cpus: float = Field(0.25, gt=0, description="the trial's driver process")
+    refresher_cpus: float = Field(1.0, gt=0)
+    refresher_gpus: float = Field(0.25, ge=0, le=1)
+
+
+class Final(Strict):
+    top_k: Union[int, Literal["all"]] = 1
+    n0: int = Field(100, ge=1)
+    n: int = Field(100_000, ge=1)
+    alpha: float = Field(0.001, gt=0, lt=1)
+    batch: int = Field(1000, ge=1)
+    skip: Optional[int] = Field(None, ge=1, description="default: the data set's usual subset")
+    max: Optional[int] = Field(None, ge=1)
+
+
+class MLflowTarget(Strict):
+    experiment: str = "sodm"
+    tracking_uri: Optional[str] = None
+
+
+class SpaceFile(Strict):
+    name: str
+    base: dict[str, Any] = {}
+    space: dict[str, Distribution]
+    search: Search = Search()
+    resources: Resources = Resources()
+    final: Final = Final()
+    mlflow: MLflowTarget = MLflowTarget()
+
+    def trial_config(self, sampled: dict[str, Any], out_dir: str) -> TrainConfig:
+        """The whole resolved config of one trial (what its MLflow run records)."""
+        return make_config(**self.base, **sampled, **self.resources.model_dump(exclude={"trial_cpus"}),
+                           out_dir=out_dir, progress=False, cert_max=0)
+
+
+def find_space(name: str) -> Path:
+    """A path as given; a bare name (with or without .yaml) in ./tune_spaces or the package's."""
+    given = Path(name).expanduser()
+    if given.is_file() or "/" in name:
+        if not given.is_file():
+            raise SpaceError(f"{name}: no such space file")
+        return given
+    stem = name if name.endswith((".yaml", ".yml")) else name + ".yaml"
+    for folder in (Path.cwd() / "tune_spaces", TUNE_SPACES):
+        if (folder / stem).is_file():
+            return folder / stem
+    known = sorted(p.name for p in TUNE_SPACES.glob("*.yaml"))
+    raise SpaceError(f"{name}: no such space file (bare names are looked up in tune_spaces/: "
+                     f"{', '.join(known)})")
+
+
+def load_space(name: str) -> tuple[Path, SpaceFile]:
+    """Read and validate a space file before Ray starts; raises SpaceError naming file and key."""
+    path = find_space(name)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpaceError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{path}: expected a mapping with name, base, space, search, ...")
+    try:
+        spec = SpaceFile(**raw)
+    except ValidationError as e:
+        raise SpaceError(f"{path}: {format_validation_error(e)}") from None
+    fields = TrainConfig.model_fields
+    managed = set(Resources.model_fields) | {"out_dir", "progress", "cert_max"}
+    for section, keys in (("base", spec.base), ("space", spec.space)):
+        for key in keys:
+            if key not in fields:
+                raise SpaceError(f"{path}: {section}.{key}: unknown config key (allowed: "
+                                 f"{', '.join(k for k in fields if k not in managed)})")
+            if key in managed:
+                raise SpaceError(f"{path}: {section}.{key}: set by the search itself "
+                                 "(resources go under resources:)")
+    for key in spec.space:
+        if key in spec.base:
+            raise SpaceError(f"{path}: space.{key}: also fixed in base; keep one")
+    if spec.base.get("data_dir"):  # trials run elsewhere: anchor it at the driver's directory
+        spec.base["data_dir"] = str(Path(spec.base["data_dir"]).expanduser().resolve())
+    try:
+        spec.trial_config({}, "/tmp/sodm-validate")
+    except ConfigError as e:
+        raise SpaceError(f"{path}: base: {e}") from None
+    for key, dist in spec.space.items():
+        if problem := dist.check():
+            raise SpaceError(f"{path}: space.{key}: {problem}")
+        for value in dist.candidates():
+            try:
+                spec.trial_config({key: value}, "/tmp/sodm-validate")
+            except ConfigError as e:
+                raise SpaceError(f"{path}: space.{key}: value {value!r} is not allowed ({e})") from None
+    if spec.search.algorithm == "grid" and any(d.type != "grid" for d in spec.space.values()):
+        raise SpaceError(f"{path}: search.algorithm: grid needs every space entry of type grid")
+    if spec.search.algorithm != "grid" and any(d.type == "grid" for d in spec.space.values()):
+        raise SpaceError(f"{path}: space: type grid needs search.algorithm grid")
+    if spec.search.algorithm == "tpe":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise SpaceError(f"{path}: search.algorithm: tpe needs optuna (pip install optuna)") from None
+    return path, spec
+
+
+def _trial(sampled: dict, *, spec_json: str, search_dir: str, uri: str, experiment_id: str,
+           parent_run_id: str) -> None:
+    """One Tune trial: a Ray Train run of the sampled config, logging to its own MLflow run."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from sodm import distributed, tracking
+
+    spec = SpaceFile(**json.loads(spec_json))
+    trial_id = tune.get_context().get_trial_id()
+    out_dir = Path(search_dir) / "trials" / trial_id
+    cfg = spec.trial_config(sampled, str(out_dir))
+    run_id = tracking.run_id_file(out_dir / "mlflow_run_id", lambda: tracking.start_run(
+        uri, experiment_id, f"trial-{trial_id}", parent_run_id, params=cfg.model_dump(),
+        tags={"sodm.trial_id": trial_id}))
+    distributed.run(cfg, resume=True, certify=False, run_name=f"train-{trial_id}",
+                    callbacks=[TuneReportCallback()], tracking={"uri": uri, "run_id": run_id})
+
+
+def build_tuner(spec: SpaceFile, search_dir: Path, uri: str, experiment_id: str, parent_run_id: str,
+                resume: bool):
+    from ray import tune
+
+    trainable = partial(_trial, spec_json=spec.model_dump_json(), search_dir=str(search_dir),
+                        uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id)
+    res = spec.resources
+    bundles = [{"CPU": res.trial_cpus}]
+    dynamic = spec.base.get("method", "sodm") == "sodm" or "method" in spec.space
+    if dynamic:  # the refresher actor, created inside the trial, lives in the trial's group
+        bundles.append({"CPU": res.refresher_cpus, **({"GPU": res.refresher_gpus}
+                                                         if res.use_gpu and res.refresher_gpus else {})})
+    trainable = tune.with_resources(trainable, tune.PlacementGroupFactory(bundles))
+    if resume:
+        return tune.Tuner.restore(str(search_dir), trainable=trainable, resume_errored=True)
+    s = spec.search
+    scheduler = None
+    if s.scheduler == "asha":
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="epoch", grace_period=s.grace_period, reduction_factor=s.reduction_factor,
+            max_t=int(spec.trial_config({}, "/tmp/x").epochs))
+    search_alg = None
+    if s.algorithm == "tpe":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=int(spec.base.get("seed", 0)))
+    return tune.Tuner(
+        trainable,
+        param_space={k: d.to_tune() for k, d in spec.space.items()},
+        tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples,
+                                    scheduler=scheduler, search_alg=search_alg,
+                                    max_concurrent_trials=s.max_concurrent_trials),
+        run_config=tune.RunConfig(name=search_dir.name, storage_path=str(search_dir.parent)),
+    )
+
+
+def certify_trials(spec: SpaceFile, trials: list[dict], uri: str, log) -> None:
+    """Certify each trial's last checkpoint with the space's final settings; log to its run."""
+    from sodm import tracking
+    from sodm.checkpoint import load_checkpoint, model_from_checkpoint
+    from sodm.data import dataset_info
+    from sodm.distributed import latest_checkpoint
+    from sodm.train import certify_run
+
+    import torch
+
+    f = spec.final
+    for t in trials:
+        out_dir = Path(t["out_dir"])
+        ckpt_path = latest_checkpoint(out_dir, f"train-{t['trial_id']}")
+        if ckpt_path is None:
+            log(f"trial {t['trial_id']}: no checkpoint to certify")
+            continue
+        ckpt = load_checkpoint(ckpt_path)
+        cfg = TrainConfig(**{**ckpt["config"], "out_dir": str(out_dir), "progress": False})
+        info = dataset_info(cfg.dataset)
+        cfg = cfg.model_copy(update=dict(
+            cert_n0=f.n0, cert_n=f.n, cert_alpha=f.alpha, cert_batch=f.batch,
+            cert_skip=f.skip or info.cohen_skip, cert_max=f.max or 500))
+        device = torch.device("cuda" if torch.cuda.is_available() and cfg.use_gpu else "cpu")
+        summary = certify_run(cfg, model_from_checkpoint(ckpt, device), out_dir, ckpt_path, device,
+                              log)
+        t.update(acr=summary["acr"], certification=summary)
+        run_id = (out_dir / "mlflow_run_id").read_text().strip()
+        tracking.log_metrics(uri, run_id, {k: v for k, v in summary.items() if k != "count"})
+        for name in ("certify.tsv", "certify.tsv.json", "certify.png"):
+            tracking.log_artifact(uri, run_id, out_dir / name, "certification")
+        tracking.log_artifact(uri, run_id, ckpt_path, "checkpoint")
+        tracking.set_status(uri, run_id, "FINISHED")
+
+
+def summary_table(trials: list[dict], keys: list[str]) -> str:
+    head = ["trial"] + keys + ["epochs", "acr_quick", "acr"]
+    rows = [head]
+    for t in trials:
+        acr = t.get("acr")
+        rows.append([t["trial_id"]] + [_fmt(t["params"].get(k)) for k in keys]
+                    + [str(t.get("epoch", "-")), _fmt(t.get("acr_quick")),
+                       "-" if acr is None else f"{acr:.3f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    return "-" if v is None else str(v)
+
+
+def main(argv=None) -> int:
+    p = cli.ArgumentParser(prog="sodm.tune", description=__doc__,
+                           formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--space", required=True, help="a space file, or a bare name in tune_spaces/")
+    p.add_argument("--mlflow-uri", default=None,
+                   help="tracking URI (default: the space file's, MLFLOW_TRACKING_URI, or ./mlflow.db)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE,
+                   help=f"where searches, trials and checkpoints live (default ./{DEFAULT_STORAGE})")
+    p.add_argument("--name", default=None, help="the search's name (default: the space's name)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    p.add_argument("--check", action="store_true", help="validate the space file and exit")
+    args = p.parse_args(argv)
+    try:
+        path, spec = load_space(args.space)
+    except SpaceError as e:
+        raise cli.UsageError(str(e)) from None
+    if args.check:
+        print(f"{path}: ok ({len(spec.space)} keys searched, {spec.search.num_samples} samples)")
+        return 0
+    search_dir = (Path(args.storage).expanduser() / (args.name or spec.name)).resolve()
+    if search_dir.exists() and not args.resume:
+        raise cli.UsageError(f"{search_dir} already holds a search; --resume it or pass --name")
+    resume = args.resume and search_dir.exists()
+    if args.resume and not resume:
+        print(f"sodm.tune: no search at {search_dir} yet; starting it", file=sys.stderr)
+    return run_search(spec, path, search_dir, args.mlflow_uri, resume)
+
+
+def _fit_noting_interrupt(tuner):
+    """tuner.fit(), and whether Ctrl-C (SIGINT) stopped it. Tune catches the signal itself, saves
+    its state and returns normally, marking the interrupted trials terminated; but its handler puts
+    back the previous one when the signal comes, so a sentinel handler tells."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit(), False
+
+    def sentinel(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, sentinel)
+    try:
+        grid = tuner.fit()
+        return grid, signal.getsignal(signal.SIGINT) is sentinel
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_search(spec: SpaceFile, path: Path, search_dir: Path, mlflow_uri: str | None,
+               resume: bool, log=print) -> int:
+    from sodm import distributed, tracking
+
+    uri = tracking.resolve_uri(mlflow_uri or spec.mlflow.tracking_uri)
+    experiment_id = tracking.ensure_experiment(uri, spec.mlflow.experiment)
+    search_dir.mkdir(parents=True, exist_ok=True)
+    parent = tracking.run_id_file(search_dir / "mlflow_parent_run_id", lambda: tracking.start_run(
+        uri, experiment_id, search_dir.name, params={
+            "space_file": path.name, **{f"search.{k}": v for k, v in spec.search.model_dump().items()},
+            **{f"base.{k}": v for k, v in spec.base.items()},
+            **{f"space.{k}": d.model_dump(exclude_none=True) for k, d in spec.space.items()}}))
+    tracking.log_artifact(uri, parent, path)
+    log(f"search {search_dir} -> MLflow {uri} (experiment {spec.mlflow.experiment}, run {parent})")
+
+    import ray
+    from ray import tune
+
+    base = spec.trial_config({}, str(search_dir))
+    if base.dataset != "digits":  # fetch or check the data once, not in every trial
+        from sodm.data import load_dataset
+
+        for split in ("train", "test"):
+            load_dataset(base.dataset, split, base.data_dir, download=base.download)
+    distributed.init_ray()
+    if resume and not tune.Tuner.can_restore(str(search_dir)):
+        raise cli.UsageError(f"--resume: {search_dir} holds no restorable search")
+    tuner = build_tuner(spec, search_dir, uri, experiment_id, parent, resume)
+    grid, interrupted = _fit_noting_interrupt(tuner)
+    if interrupted:
+        log(f"search interrupted; its state is saved. Continue it with: python -m sodm.tune "
+            f"--space {path} --resume" + (f" --name {search_dir.name}" if search_dir.name != spec.name else ""))
+        ray.shutdown()
+        return 130
+    trials = []
+    for r in grid:
+        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path or "?").name
+        trials.append({"trial_id": trial_id, "params": r.config, "out_dir": str(search_dir / "trials" / trial_id),
+                       "epoch": (r.metrics or {}).get("epoch"),
+                       "acr_quick": (r.metrics or {}).get("acr_quick"), "error": r.error})
+    ranked = sorted([t for t in trials if t["acr_quick"] is not None],
+                    key=lambda t: t["acr_quick"], reverse=spec.search.mode == "max")
+    top = ranked if spec.final.top_k == "all" else ranked[: spec.final.top_k]
+    certify_trials(spec, top, uri, log)
+    for t in trials:  # close the runs of trials that were not certified
+        run_file = Path(t["out_dir"]) / "mlflow_run_id"
+        if t.get("acr") is None and run_file.exists():
+            tracking.set_status(uri, run_file.read_text().strip(), "FAILED" if t["error"] else "FINISHED")
+    table = summary_table(trials, list(spec.space))
+    log(table)
+    (search_dir / "summary.txt").write_text(table + "\n")
+    tracking.log_artifact(uri, parent, search_dir / "summary.txt")
+    certified = [t for t in top if t.get("acr") is not None]
+    if certified:
+        best = max(certified, key=lambda t: t["acr"])
+        tracking.log_metrics(uri, parent, {"best_acr": best["acr"], "trials": len(trials)})
+    tracking.set_status(uri, parent, "FINISHED" if not any(t["error"] for t in trials) else "FAILED")
+    errors = [t for t in trials if t["error"]]
+    for t in errors:
+        log(f"trial {t['trial_id']} failed: {str(t['error']).splitlines()[0]}")
+    ray.shutdown()
+    return 1 if errors else 0
+
+
+def console() -> None:
+    sys.exit(cli.run(main, "sodm.tune"))
+
+
+if __name__ == "__main__":
+    console()

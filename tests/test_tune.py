@@ -1,0 +1,153 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sodm import cli, tune
+
+GOOD = {
+    "name": "t",
+    "base": {"dataset": "digits", "epochs": 2},
+    "space": {"beta": {"type": "loguniform", "lower": 1.0, "upper": 10.0},
+              "rho": {"type": "uniform", "lower": 0.9, "upper": 0.99},
+              "m": {"type": "choice", "values": [2, 5]},
+              "n": {"type": "choice", "values": [2, 4]}},
+}
+
+
+def write(tmp_path, doc, name="space.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc) if isinstance(doc, dict) else doc)
+    return path
+
+
+def with_(path, value):
+    """GOOD with the dotted key path set to value."""
+    import copy
+
+    doc = copy.deepcopy(GOOD)
+    node = doc
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return doc
+
+
+def test_good_space_validates(tmp_path, capsys):
+    path = write(tmp_path, GOOD)
+    assert cli.run(tune.main, "sodm.tune", ["--space", str(path), "--check"]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("doc,message", [
+    (with_("base.lr_schedule", "cosine"), "base.lr_schedule: unknown config key"),
+    (with_("space.gamma", {"type": "uniform", "lower": 0, "upper": 1}), "space.gamma: unknown config key"),
+    (with_("base.epochs", "three"), "epochs"),
+    (with_("search.num_samples", 0), "search.num_samples"),
+    (with_("search.algorithm", "bayes"), "search.algorithm"),
+    (with_("space.beta", {"type": "uniform", "lower": 5, "upper": 5}), "space.beta: empty range"),
+    (with_("space.beta", {"type": "loguniform", "lower": 0, "upper": 5}), "space.beta: loguniform needs lower > 0"),
+    (with_("space.beta", {"type": "choice", "values": []}), "space.beta: choice needs a non-empty list"),
+    (with_("space.beta", {"type": "normal", "lower": 0, "upper": 1}), "space.beta.type"),
+    (with_("space.rho", {"type": "uniform", "lower": 0.9, "upper": 1.2}), "space.rho: value 1.2 is not allowed"),
+    (with_("space.n", {"type": "choice", "values": [0, 4]}), "space.n: value 0 is not allowed"),
+    (with_("space.m", {"type": "choice", "values": [0]}), "space.m: value 0 is not allowed"),
+    (with_("base.sigma", 0.0), "sigma"),
+    (with_("base.beta", 3.0), "space.beta: also fixed in base"),
+    (with_("base.num_workers", 2), "base.num_workers: set by the search itself"),
+    ({**GOOD, "base": {"dataset": "cifar10", "data_dir": "/nonexistent/cifar"}}, "is not a directory"),
+    (with_("space.beta", {"type": "grid", "values": [1, 2]}), "type grid needs search.algorithm grid"),
+    (with_("search.algorithm", "grid"), "grid needs every space entry of type grid"),
+    ("name: [unclosed", "not valid YAML"),
+])
+def test_bad_space_files(tmp_path, capsys, doc, message):
+    path = write(tmp_path, doc)
+    assert cli.run(tune.main, "sodm.tune", ["--space", str(path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert str(path) in err and message in err, err
+
+
+def test_bare_names_resolve_to_tune_spaces(tmp_path, monkeypatch):
+    root = Path(tune.__file__).resolve().parent.parent / "tune_spaces"
+    monkeypatch.chdir(tmp_path)  # no tune_spaces/ here: the package's folder answers
+    assert tune.find_space("smoke") == root / "smoke.yaml"
+    assert tune.find_space("smoke.yaml") == root / "smoke.yaml"
+    (tmp_path / "tune_spaces").mkdir()
+    write(tmp_path / "tune_spaces", GOOD, "smoke.yaml")
+    assert tune.find_space("smoke") == tmp_path / "tune_spaces" / "smoke.yaml"  # ./tune_spaces first
+    with pytest.raises(tune.SpaceError, match="cifar10.yaml"):
+        tune.find_space("nonesuch")
+    with pytest.raises(tune.SpaceError, match="no such space file"):
+        tune.find_space("some/dir/x.yaml")
+
+
+@pytest.mark.parametrize("name", ["smoke", "cifar10"])
+def test_shipped_spaces_validate(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # cifar10's data_dir is created by the download; validation allows it
+    path, spec = tune.load_space(name)
+    assert {"beta", "rho", "m", "n"} <= set(spec.space)
+
+
+QUIET = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+         "RAY_TRAIN_METRICS_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def test_search_interrupted_resumed_and_recorded_in_mlflow(tmp_path):
+    doc = {
+        "name": "tiny",
+        "base": {"dataset": "digits", "epochs": 3, "train_subset": 320, "eval_count": 50,
+                 "acr_quick_count": 3, "acr_quick_n": 32, "lr_milestones": [], "beta_milestone": None},
+        "space": GOOD["space"],
+        "search": {"num_samples": 2, "scheduler": "fifo", "max_concurrent_trials": 1},
+        "resources": {"worker_cpus": 0.5, "trial_cpus": 0.25, "refresher_cpus": 0.25},
+        "final": {"top_k": "all", "n0": 20, "n": 200, "skip": 36, "max": 5, "batch": 200},
+        "mlflow": {"experiment": "tiny"},
+    }
+    space = write(tmp_path, doc)
+    db = tmp_path / "mlflow.db"
+    env = {k: v for k, v in {**os.environ, **QUIET}.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "sodm.tune", "--space", str(space), "--storage",
+           str(tmp_path / "runs"), "--mlflow-uri", f"sqlite:///{db}"]
+    search = tmp_path / "runs" / "tiny"
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # interrupt once the first trial has finished an epoch
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        if any(len(p.read_text().splitlines()) >= 1 for p in search.glob("trials/*/metrics.jsonl")):
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode != 0, out[-3000:]
+
+    done = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "acr_quick" in done.stdout and "acr" in done.stdout
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 2  # one run per trial, none opened twice
+    for child in children:
+        assert {"beta", "rho", "m", "n", "sigma", "dataset"} <= set(child.data.params)
+        assert "acr" in child.data.metrics and "cert_acc_0.25" in child.data.metrics
+        history = client.get_metric_history(child.info.run_id, "acr_quick")
+        assert sorted(m.step for m in history)[-1] == 3  # every epoch, up to the last
+        artifacts = [a.path for a in client.list_artifacts(child.info.run_id, "certification")]
+        assert "certification/certify.tsv" in artifacts and "certification/certify.png" in artifacts
+        assert child.info.status == "FINISHED"
+    assert (search / "summary.txt").exists()
