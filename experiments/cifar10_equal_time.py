@@ -72,6 +72,9 @@ def main():
                       log=lambda s: print(s, flush=True), certify=False)
             if args.phase == "train":
                 continue
+            if not (run_dir / "checkpoint.pt").exists():
+                print(f"== {regime} / {name}: not trained, skipped", flush=True)
+                continue
             ckpt = load_checkpoint(run_dir / "checkpoint.pt")
             model = model_from_checkpoint(ckpt)
             cert = certify_run(cfg, model, run_dir, run_dir / "checkpoint.pt", torch.device("cpu"),

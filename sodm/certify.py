@@ -59,37 +59,91 @@ def read_done(out: Path) -> dict[int, str]:
     return done
 
 
-def certify_subset(smoothed: Smooth, dataset, indices: Iterable[int], *, n0: int, n: int,
-                   alpha: float, batch: int, seed: int, out: Path, device: torch.device,
-                   progress: bool = True) -> Path:
-    """Certify dataset[i] for i in indices into `out`, keeping rows already there (resume)."""
-    out = Path(out)
+def certify_one(smoothed: Smooth, dataset, i: int, *, n0: int, n: int, alpha: float, batch: int,
+                seed: int, device: torch.device) -> str:
+    """CERTIFY image i with noise seeded by (seed, i): its result row (without the newline)."""
+    x, label = dataset[i]
+    start = time.perf_counter()
+    prediction, radius = smoothed.certify(x.to(device), n0, n, alpha, batch,
+                                          generator=noise_generator(seed, i, device))
+    elapsed = time.perf_counter() - start
+    correct = int(prediction == int(label))
+    return f"{i}\t{int(label)}\t{prediction}\t{radius:.6g}\t{correct}\t{elapsed:.3f}"
+
+
+def _start_file(out: Path) -> dict[int, str]:
+    """Keep the complete rows of a previous run (resume), rewriting the file without a torn line."""
     out.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(out)
-    # Rewrite what is kept (drops a torn line), then append as we go.
     with out.open("w") as f:
         f.write("\t".join(COLUMNS) + "\n")
         for line in done.values():
             f.write(line + "\n")
-    todo = [i for i in indices if i not in done]
-    bar = _progress(todo, progress, desc=f"certify {out.name}", initial=len(done))
-    certified = correct_so_far = 0
+    return done
+
+
+def _append_rows(out: Path, rows, total: int, initial: int, progress: bool) -> Path:
+    """Append rows as they come (each flushed: a crash loses at most the image in flight)."""
+    bar = _progress(range(total), progress, desc=f"certify {out.name}", initial=initial)
+    count = correct = 0
     with out.open("a") as f:
-        for i in bar:
-            x, label = dataset[i]
-            x = x.to(device)
-            start = time.perf_counter()
-            prediction, radius = smoothed.certify(x, n0, n, alpha, batch,
-                                                  generator=noise_generator(seed, i, device))
-            elapsed = time.perf_counter() - start
-            correct = int(prediction == int(label))
-            f.write(f"{i}\t{int(label)}\t{prediction}\t{radius:.6g}\t{correct}\t{elapsed:.3f}\n")
+        for line, _ in zip(rows, bar):
+            f.write(line + "\n")
             f.flush()
-            certified += 1
-            correct_so_far += correct
+            count += 1
+            correct += int(line.split("\t")[4])
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(acc=f"{correct_so_far / certified:.3f}", s_per_img=f"{elapsed:.2f}")
+                bar.set_postfix(acc=f"{correct / count:.3f}", s_per_img=line.split("\t")[5])
+    if hasattr(bar, "close"):
+        bar.close()
     return out
+
+
+def certify_subset(smoothed: Smooth, dataset, indices: Iterable[int], *, n0: int, n: int,
+                   alpha: float, batch: int, seed: int, out: Path, device: torch.device,
+                   progress: bool = True) -> Path:
+    """Certify dataset[i] for i in indices into `out`, in index order, keeping rows already
+    there (resume)."""
+    out = Path(out)
+    done = _start_file(out)
+    todo = [i for i in indices if i not in done]
+    rows = (certify_one(smoothed, dataset, i, n0=n0, n=n, alpha=alpha, batch=batch, seed=seed,
+                        device=device) for i in todo)
+    return _append_rows(out, rows, len(todo), len(done), progress)
+
+
+def certify_subset_on_ray(job: dict[str, Any], indices: Iterable[int], *, n0: int, n: int,
+                          alpha: float, batch: int, seed: int, out: Path, num_workers: int,
+                          use_gpu: bool, progress: bool = True, chunk: int = 4) -> Path:
+    """The same rows as `certify_subset`, computed by num_workers Ray actors (one GPU each when
+    use_gpu, one CPU otherwise) and written in index order, resumable the same way.
+
+    job: {"checkpoint_bytes", "dataset", "split", "data_dir", "sigma", "dtype"}; the checkpoint
+    travels through the object store, so workers need no shared filesystem for it (the data set
+    must be readable from every worker)."""
+    import ray
+    from ray.util import ActorPool
+
+    from sodm.distributed import CertifyWorker, init_ray
+
+    out = Path(out)
+    done = _start_file(out)
+    todo = [i for i in indices if i not in done]
+    init_ray()
+    job_ref = ray.put(job)
+    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    workers = [CertifyWorker.options(**resources).remote(job_ref)
+               for _ in range(min(num_workers, max(1, len(todo))))]
+    params = dict(n0=n0, n=n, alpha=alpha, batch=batch, seed=seed)
+    chunks = [todo[k:k + chunk] for k in range(0, len(todo), chunk)]
+    pool = ActorPool(workers)
+    rows = (line for lines in pool.map(lambda w, c: w.certify.remote(c, params), chunks)
+            for line in lines)  # ActorPool.map yields in submission order: rows stay in order
+    try:
+        return _append_rows(out, rows, len(todo), len(done), progress)
+    finally:
+        for w in workers:
+            ray.kill(w)
 
 
 def _progress(items, enabled: bool, **kwargs):
@@ -143,7 +197,12 @@ def main(argv=None) -> int:
                    help="bf16 is an opt-in speed mode; it changes the function being certified")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="spread the images over K Ray workers (RAY_ADDRESS or a local instance)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per Ray worker")
     args = p.parse_args(argv)
+    if args.num_workers is not None and args.num_workers < 1:
+        raise cli.UsageError(f"--num-workers must be >= 1, got {args.num_workers}")
 
     try:
         ckpt = load_checkpoint(args.checkpoint)
@@ -181,10 +240,23 @@ def main(argv=None) -> int:
         dataset=name, split=args.split,
         subset={"start": args.start, "skip": skip, "count": len(indices), "preset": args.preset},
         n0=args.n0, n=args.n, alpha=args.alpha, sigma=sigma, batch=args.batch, dtype=args.dtype,
-        seed=args.seed, device=str(device)))
-    certify_subset(smoothed, dataset, indices, n0=args.n0, n=args.n, alpha=args.alpha,
-                   batch=args.batch, seed=args.seed, out=args.out, device=device,
-                   progress=not args.no_progress)
+        seed=args.seed, device=(f"ray: {args.num_workers} {'GPU' if args.use_gpu else 'CPU'} workers"
+                                if args.num_workers else str(device))))
+    params = dict(n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch, seed=args.seed,
+                  out=args.out, progress=not args.no_progress)
+    if args.num_workers:
+        from sodm.cluster import ClusterError
+
+        job = {"checkpoint_bytes": args.checkpoint.read_bytes(), "dataset": name,
+               "split": args.split, "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
+               "sigma": sigma, "dtype": args.dtype}
+        try:
+            certify_subset_on_ray(job, indices, num_workers=args.num_workers,
+                                  use_gpu=args.use_gpu, **params)
+        except ClusterError as e:
+            raise cli.UsageError(str(e)) from None
+    else:
+        certify_subset(smoothed, dataset, indices, device=device, **params)
     from sodm.metrics import format_table, read_results
 
     print(format_table({args.out.stem: read_results(args.out)}))

@@ -99,6 +99,7 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(0, ge=0, description="Ray Train workers (0: in-process, no Ray)")
     use_gpu: bool = False
     worker_cpus: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
+    storage: Optional[str] = Field(None, description="Ray Train checkpoints: a path or URI (s3://, gs://); default out_dir")
     max_failures: int = Field(2, ge=0, description="worker-group restarts before the run fails")
     refresher_sync: bool = False  # wait for each mapping refresh (deterministic, slower)
     refresher_cpus: float = Field(1.0, gt=0)

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from sodm.checkpoint import load_checkpoint, model_from_checkpoint, model_spec
+from sodm.cluster import ClusterError
 from sodm.config import ConfigError, TrainConfig
 from sodm.data import TrainData, dataset_info
 from sodm.mapping import build_mapping, is_trainable
@@ -122,6 +123,34 @@ class RefresherActor:
     def load_state_dict(self, state: dict) -> int:
         self.core.load_state_dict(state)
         return self.core.version
+
+
+@ray.remote
+class CertifyWorker:
+    """A certification worker: one copy of the model and the data set, certifying chunks of image
+    indices with `sodm.certify.certify_one` (so its rows are the single-process rows)."""
+
+    def __init__(self, job: dict):
+        import io
+
+        from sodm.certify import DTYPES
+        from sodm.data import load_dataset
+        from sodm.smoothing import Smooth
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        ckpt = torch.load(io.BytesIO(job["checkpoint_bytes"]), map_location=self.device,
+                          weights_only=True)
+        model = model_from_checkpoint(ckpt, self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.smoothed = Smooth(model, ckpt["model"]["num_classes"], job["sigma"], DTYPES[job["dtype"]])
+        self.dataset = load_dataset(job["dataset"], job["split"], job["data_dir"])
+
+    def certify(self, indices: list[int], params: dict) -> list[str]:
+        from sodm.certify import certify_one
+
+        return [certify_one(self.smoothed, self.dataset, i, device=self.device, **params)
+                for i in indices]
 
 
 class RemoteRefresher:
@@ -227,10 +256,30 @@ def latest_checkpoint(out_dir: str | Path, run_name: str = RUN_NAME) -> Path | N
     return found[-1] if found else None
 
 
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """Fail fast, with one clear line, when a cluster address does not answer (ray.init would
+    otherwise wait a long time before a long traceback)."""
+    if not address or address in ("auto", "local"):
+        return
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"ray://{address}")
+    host, port = parts.hostname, parts.port
+    if not host or not port:
+        raise ClusterError(f"RAY_ADDRESS {address!r} is not host:port (or ray://host:port)")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(f"the Ray cluster at {address} is unreachable ({e.strerror or e})") from None
+
+
 def init_ray(**kwargs) -> None:
     """Join the cluster at RAY_ADDRESS when set; otherwise start a local instance."""
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, **kwargs)
+        address = os.environ.get("RAY_ADDRESS") or None
+        check_address(address)
+        ray.init(address=address, **kwargs)
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print,
@@ -243,9 +292,14 @@ def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = 
     {"uri", "run_id"} of the MLflow run that rank 0 logs every epoch to."""
     from ray.train.torch import TorchTrainer
 
+    from sodm.cluster import check_writable, storage_exists, storage_join
+
     out_dir = Path(cfg.out_dir).expanduser().resolve()
-    if (out_dir / run_name).exists() and not resume:
-        raise ConfigError(f"{out_dir} already holds a run; resume it (--resume) or use another out_dir")
+    storage = cfg.storage or str(out_dir)  # Ray Train's checkpoints: a local path or a URI
+    if storage_exists(storage_join(storage, run_name)) and not resume:
+        raise ConfigError(f"{storage_join(storage, run_name)} already holds a run; resume it "
+                          "(--resume) or use another out_dir/storage")
+    check_writable(storage)
     if cfg.batch_size % cfg.num_workers:
         raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of num_workers {cfg.num_workers}")
     init_ray()
@@ -265,7 +319,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = 
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.worker_cpus, **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(out_dir), callbacks=callbacks,
+            name=run_name, storage_path=storage, callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
@@ -273,6 +327,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = 
     if result.checkpoint is None:
         raise RuntimeError(f"the run in {out_dir} finished without a checkpoint")
     final = out_dir / "checkpoint.pt"
+    out_dir.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as d:
         shutil.copyfile(Path(d) / "checkpoint.pt", final.with_suffix(".tmp"))
         final.with_suffix(".tmp").replace(final)

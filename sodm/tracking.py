@@ -52,15 +52,12 @@ def start_run(uri: str, experiment_id: str, name: str, parent_run_id: str | None
     return run.info.run_id
 
 
-def run_id_file(path: Path, create) -> str:
-    """The run id stored at `path`, or a new run from create() stored there (so a resumed trial
-    or search keeps writing to its own run)."""
-    if path.exists():
-        return path.read_text().strip()
-    run_id = create()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(run_id + "\n")
-    return run_id
+def find_or_start_run(uri: str, experiment_id: str, tags: dict[str, str], create) -> str:
+    """The run carrying all `tags`, or create() when there is none: a resumed search or trial
+    keeps writing to its own run, from whichever machine it resumes on."""
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    found = client(uri).search_runs([experiment_id], filter_string=query, max_results=1)
+    return found[0].info.run_id if found else create()
 
 
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:

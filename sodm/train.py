@@ -19,6 +19,7 @@ import torch
 
 from sodm import cli
 from sodm.checkpoint import (CheckpointError, load_checkpoint, model_spec, save_checkpoint)
+from sodm.cluster import ClusterError, StorageError
 from sodm.config import ConfigError, TrainConfig, make_config
 from sodm.data import DataError, TrainData, dataset_info, load_dataset, load_tensors, subset_indices
 from sodm.losses import LossOutput, gaussian_loss, macer_loss, smoothadv_attack, sodm_loss
@@ -29,7 +30,8 @@ from sodm.smoothing import Smooth, noise_generator
 
 # Config keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = {"epochs", "device", "progress", "time_budget_s", "cert_n0", "cert_n",
-                     "cert_alpha", "cert_batch", "cert_skip", "cert_max", "eval_count", "data_dir"}
+                     "cert_alpha", "cert_batch", "cert_skip", "cert_max", "eval_count", "data_dir",
+                     "out_dir", "storage", "max_failures"}
 
 
 def compute_loss(cfg: TrainConfig, model, x, y, noise_gen, mapping, beta, autocast,
@@ -406,7 +408,7 @@ def main(argv=None) -> int:
             distributed.run(cfg, resume=resume)
         else:
             train(cfg, resume=resume)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, StorageError, ClusterError) as e:
         raise cli.UsageError(str(e)) from None
     return 0
 

@@ -148,8 +148,9 @@ def find_space(name: str) -> Path:
                      f"{', '.join(known)})")
 
 
-def load_space(name: str) -> tuple[Path, SpaceFile]:
-    """Read and validate a space file before Ray starts; raises SpaceError naming file and key."""
+def load_space(name: str, overrides: list[str] | None = None) -> tuple[Path, SpaceFile]:
+    """Read and validate a space file before Ray starts; raises SpaceError naming file and key.
+    overrides: "key=value" strings (YAML values) that replace or add base keys."""
     path = find_space(name)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -157,6 +158,11 @@ def load_space(name: str) -> tuple[Path, SpaceFile]:
         raise SpaceError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: expected a mapping with name, base, space, search, ...")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpaceError(f"--set {item!r}: expected key=value")
+        raw.setdefault("base", {})[key.strip()] = yaml.safe_load(value)
     try:
         spec = SpaceFile(**raw)
     except ValidationError as e:
@@ -200,31 +206,39 @@ def load_space(name: str) -> tuple[Path, SpaceFile]:
     return path, spec
 
 
-def _trial(sampled: dict, *, spec_json: str, search_dir: str, uri: str, experiment_id: str,
-           parent_run_id: str) -> None:
-    """One Tune trial: a Ray Train run of the sampled config, logging to its own MLflow run."""
+def _trial(sampled: dict, *, spec_json: str, search_uri: str, local_dir: str, uri: str,
+           experiment_id: str, parent_run_id: str) -> None:
+    """One Tune trial: a Ray Train run of the sampled config, logging to its own MLflow run.
+    Its checkpoints go under search_uri/trials/<id> (any storage Ray accepts); its small files
+    (config.json, metrics.jsonl) to a local folder."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from sodm import distributed, tracking
+    from sodm.cluster import storage_join
 
     spec = SpaceFile(**json.loads(spec_json))
     trial_id = tune.get_context().get_trial_id()
-    out_dir = Path(search_dir) / "trials" / trial_id
-    cfg = spec.trial_config(sampled, str(out_dir))
-    run_id = tracking.run_id_file(out_dir / "mlflow_run_id", lambda: tracking.start_run(
+    cfg = spec.trial_config(sampled, str(Path(local_dir) / "trials" / trial_id))
+    cfg = cfg.model_copy(update={"storage": storage_join(search_uri, "trials", trial_id)})
+    tags = {"sodm.trial_id": trial_id, "mlflow.parentRunId": parent_run_id}
+    run_id = tracking.find_or_start_run(uri, experiment_id, tags, lambda: tracking.start_run(
         uri, experiment_id, f"trial-{trial_id}", parent_run_id, params=cfg.model_dump(),
         tags={"sodm.trial_id": trial_id}))
     distributed.run(cfg, resume=True, certify=False, run_name=f"train-{trial_id}",
                     callbacks=[TuneReportCallback()], tracking={"uri": uri, "run_id": run_id})
 
 
-def build_tuner(spec: SpaceFile, search_dir: Path, uri: str, experiment_id: str, parent_run_id: str,
-                resume: bool):
+def build_tuner(spec: SpaceFile, storage: str, name: str, local_dir: Path, uri: str,
+                experiment_id: str, parent_run_id: str, resume: bool):
     from ray import tune
 
-    trainable = partial(_trial, spec_json=spec.model_dump_json(), search_dir=str(search_dir),
-                        uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id)
+    from sodm.cluster import storage_join
+
+    search_uri = storage_join(storage, name)
+    trainable = partial(_trial, spec_json=spec.model_dump_json(), search_uri=search_uri,
+                        local_dir=str(local_dir), uri=uri, experiment_id=experiment_id,
+                        parent_run_id=parent_run_id)
     res = spec.resources
     bundles = [{"CPU": res.trial_cpus}]
     dynamic = spec.base.get("method", "sodm") == "sodm" or "method" in spec.space
@@ -233,13 +247,13 @@ def build_tuner(spec: SpaceFile, search_dir: Path, uri: str, experiment_id: str,
                                                          if res.use_gpu and res.refresher_gpus else {})})
     trainable = tune.with_resources(trainable, tune.PlacementGroupFactory(bundles))
     if resume:
-        return tune.Tuner.restore(str(search_dir), trainable=trainable, resume_errored=True)
+        return tune.Tuner.restore(search_uri, trainable=trainable, resume_errored=True)
     s = spec.search
     scheduler = None
     if s.scheduler == "asha":
         scheduler = tune.schedulers.ASHAScheduler(
             time_attr="epoch", grace_period=s.grace_period, reduction_factor=s.reduction_factor,
-            max_t=int(spec.trial_config({}, "/tmp/x").epochs))
+            max_t=int(spec.trial_config({}, str(local_dir)).epochs))
     search_alg = None
     if s.algorithm == "tpe":
         from ray.tune.search.optuna import OptunaSearch
@@ -251,43 +265,48 @@ def build_tuner(spec: SpaceFile, search_dir: Path, uri: str, experiment_id: str,
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples,
                                     scheduler=scheduler, search_alg=search_alg,
                                     max_concurrent_trials=s.max_concurrent_trials),
-        run_config=tune.RunConfig(name=search_dir.name, storage_path=str(search_dir.parent)),
+        run_config=tune.RunConfig(name=name, storage_path=storage),
     )
 
 
-def certify_trials(spec: SpaceFile, trials: list[dict], uri: str, log) -> None:
-    """Certify each trial's last checkpoint with the space's final settings; log to its run."""
+def certify_trials(spec: SpaceFile, trials: list[dict], uri: str, experiment_id: str,
+                   parent_run_id: str, log) -> None:
+    """Certify each trial's last checkpoint (fetched from storage) with the space's final
+    settings, in the trial's local folder; log the results to the trial's MLflow run."""
+    import shutil
+
+    import ray.train
+    import torch
+
     from sodm import tracking
     from sodm.checkpoint import load_checkpoint, model_from_checkpoint
     from sodm.data import dataset_info
-    from sodm.distributed import latest_checkpoint
     from sodm.train import certify_run
-
-    import torch
 
     f = spec.final
     for t in trials:
         out_dir = Path(t["out_dir"])
-        ckpt_path = latest_checkpoint(out_dir, f"train-{t['trial_id']}")
-        if ckpt_path is None:
+        if not t.get("checkpoint_path"):
             log(f"trial {t['trial_id']}: no checkpoint to certify")
             continue
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_path = out_dir / "checkpoint.pt"
+        with ray.train.Checkpoint(t["checkpoint_path"]).as_directory() as d:
+            shutil.copyfile(Path(d) / "checkpoint.pt", ckpt_path)
         ckpt = load_checkpoint(ckpt_path)
         cfg = TrainConfig(**{**ckpt["config"], "out_dir": str(out_dir), "progress": False})
-        info = dataset_info(cfg.dataset)
         cfg = cfg.model_copy(update=dict(
             cert_n0=f.n0, cert_n=f.n, cert_alpha=f.alpha, cert_batch=f.batch,
-            cert_skip=f.skip or info.cohen_skip, cert_max=f.max or 500))
+            cert_skip=f.skip or dataset_info(cfg.dataset).cohen_skip, cert_max=f.max or 500))
         device = torch.device("cuda" if torch.cuda.is_available() and cfg.use_gpu else "cpu")
         summary = certify_run(cfg, model_from_checkpoint(ckpt, device), out_dir, ckpt_path, device,
                               log)
         t.update(acr=summary["acr"], certification=summary)
-        run_id = (out_dir / "mlflow_run_id").read_text().strip()
+        run_id = t["run_id"]
         tracking.log_metrics(uri, run_id, {k: v for k, v in summary.items() if k != "count"})
         for name in ("certify.tsv", "certify.tsv.json", "certify.png"):
             tracking.log_artifact(uri, run_id, out_dir / name, "certification")
         tracking.log_artifact(uri, run_id, ckpt_path, "checkpoint")
-        tracking.set_status(uri, run_id, "FINISHED")
 
 
 def summary_table(trials: list[dict], keys: list[str]) -> str:
@@ -315,25 +334,47 @@ def main(argv=None) -> int:
     p.add_argument("--mlflow-uri", default=None,
                    help="tracking URI (default: the space file's, MLFLOW_TRACKING_URI, or ./mlflow.db)")
     p.add_argument("--storage", default=DEFAULT_STORAGE,
-                   help=f"where searches, trials and checkpoints live (default ./{DEFAULT_STORAGE})")
+                   help="where the search's state and checkpoints live: a path or a URI Ray "
+                        f"accepts (s3://, gs://) (default ./{DEFAULT_STORAGE})")
+    p.add_argument("--workdir", default=None,
+                   help="local folder for summaries and certifications (default: under a local "
+                        "--storage, else ./sodm_work)")
     p.add_argument("--name", default=None, help="the search's name (default: the space's name)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
     p.add_argument("--check", action="store_true", help="validate the space file and exit")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base key, e.g. --set data_dir=/mnt/shared/cifar10 (repeatable)")
     args = p.parse_args(argv)
     try:
-        path, spec = load_space(args.space)
+        path, spec = load_space(args.space, args.set)
     except SpaceError as e:
         raise cli.UsageError(str(e)) from None
     if args.check:
         print(f"{path}: ok ({len(spec.space)} keys searched, {spec.search.num_samples} samples)")
         return 0
-    search_dir = (Path(args.storage).expanduser() / (args.name or spec.name)).resolve()
-    if search_dir.exists() and not args.resume:
-        raise cli.UsageError(f"{search_dir} already holds a search; --resume it or pass --name")
-    resume = args.resume and search_dir.exists()
-    if args.resume and not resume:
-        print(f"sodm.tune: no search at {search_dir} yet; starting it", file=sys.stderr)
-    return run_search(spec, path, search_dir, args.mlflow_uri, resume)
+    from sodm.cluster import StorageError, check_writable, is_uri, storage_exists, storage_join
+
+    name = args.name or spec.name
+    storage = args.storage if is_uri(args.storage) else str(Path(args.storage).expanduser().resolve())
+    search_uri = storage_join(storage, name)
+    local_dir = (Path(args.workdir).expanduser().resolve() / name if args.workdir
+                 else Path(search_uri) if not is_uri(storage) else Path.cwd() / "sodm_work" / name)
+    try:
+        check_writable(storage)
+        exists = storage_exists(search_uri)
+    except StorageError as e:
+        raise cli.UsageError(str(e)) from None
+    if exists and not args.resume:
+        raise cli.UsageError(f"{search_uri} already holds a search; --resume it or pass --name")
+    if args.resume and not exists:
+        print(f"sodm.tune: no search at {search_uri} yet; starting it", file=sys.stderr)
+    from sodm.cluster import ClusterError
+
+    try:
+        return run_search(spec, path, storage, name, local_dir, args.mlflow_uri,
+                          args.resume and exists)
+    except ClusterError as e:
+        raise cli.UsageError(str(e)) from None
 
 
 def _fit_noting_interrupt(tuner):
@@ -357,64 +398,72 @@ def _fit_noting_interrupt(tuner):
         signal.signal(signal.SIGINT, previous)
 
 
-def run_search(spec: SpaceFile, path: Path, search_dir: Path, mlflow_uri: str | None,
-               resume: bool, log=print) -> int:
+def run_search(spec: SpaceFile, path: Path, storage: str, name: str, local_dir: Path,
+               mlflow_uri: str | None, resume: bool, log=print) -> int:
     from sodm import distributed, tracking
+    from sodm.cluster import storage_join
 
+    search_uri = storage_join(storage, name)
     uri = tracking.resolve_uri(mlflow_uri or spec.mlflow.tracking_uri)
     experiment_id = tracking.ensure_experiment(uri, spec.mlflow.experiment)
-    search_dir.mkdir(parents=True, exist_ok=True)
-    parent = tracking.run_id_file(search_dir / "mlflow_parent_run_id", lambda: tracking.start_run(
-        uri, experiment_id, search_dir.name, params={
+    local_dir.mkdir(parents=True, exist_ok=True)
+    new_parent = (
+        lambda: tracking.start_run(uri, experiment_id, name, tags={"sodm.search": search_uri}, params={
             "space_file": path.name, **{f"search.{k}": v for k, v in spec.search.model_dump().items()},
             **{f"base.{k}": v for k, v in spec.base.items()},
             **{f"space.{k}": d.model_dump(exclude_none=True) for k, d in spec.space.items()}}))
+    parent = (tracking.find_or_start_run(uri, experiment_id, {"sodm.search": search_uri}, new_parent)
+              if resume else new_parent())
     tracking.log_artifact(uri, parent, path)
-    log(f"search {search_dir} -> MLflow {uri} (experiment {spec.mlflow.experiment}, run {parent})")
+    log(f"search {search_uri} -> MLflow {uri} (experiment {spec.mlflow.experiment}, run {parent})")
 
     import ray
     from ray import tune
 
-    base = spec.trial_config({}, str(search_dir))
+    base = spec.trial_config({}, str(local_dir))
     if base.dataset != "digits":  # fetch or check the data once, not in every trial
         from sodm.data import load_dataset
 
         for split in ("train", "test"):
             load_dataset(base.dataset, split, base.data_dir, download=base.download)
     distributed.init_ray()
-    if resume and not tune.Tuner.can_restore(str(search_dir)):
-        raise cli.UsageError(f"--resume: {search_dir} holds no restorable search")
-    tuner = build_tuner(spec, search_dir, uri, experiment_id, parent, resume)
+    if resume and not tune.Tuner.can_restore(search_uri):
+        raise cli.UsageError(f"--resume: {search_uri} holds no restorable search")
+    tuner = build_tuner(spec, storage, name, local_dir, uri, experiment_id, parent, resume)
     grid, interrupted = _fit_noting_interrupt(tuner)
     if interrupted:
         log(f"search interrupted; its state is saved. Continue it with: python -m sodm.tune "
-            f"--space {path} --resume" + (f" --name {search_dir.name}" if search_dir.name != spec.name else ""))
+            f"--space {path} --resume" + (f" --name {name}" if name != spec.name else ""))
         ray.shutdown()
         return 130
     trials = []
     for r in grid:
-        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path or "?").name
-        trials.append({"trial_id": trial_id, "params": r.config, "out_dir": str(search_dir / "trials" / trial_id),
-                       "epoch": (r.metrics or {}).get("epoch"),
-                       "acr_quick": (r.metrics or {}).get("acr_quick"), "error": r.error})
+        m = r.metrics or {}
+        trial_id = m.get("trial_id") or Path(r.path or "?").name
+        run_id = tracking.find_or_start_run(
+            uri, experiment_id, {"sodm.trial_id": trial_id, "mlflow.parentRunId": parent},
+            lambda: tracking.start_run(uri, experiment_id, f"trial-{trial_id}", parent,
+                                       tags={"sodm.trial_id": trial_id}))
+        trials.append({"trial_id": trial_id, "params": r.config, "run_id": run_id,
+                       "out_dir": str(local_dir / "trials" / trial_id), "epoch": m.get("epoch"),
+                       "acr_quick": m.get("acr_quick"), "checkpoint_path": m.get("checkpoint_path"),
+                       "error": r.error})
     ranked = sorted([t for t in trials if t["acr_quick"] is not None],
                     key=lambda t: t["acr_quick"], reverse=spec.search.mode == "max")
     top = ranked if spec.final.top_k == "all" else ranked[: spec.final.top_k]
-    certify_trials(spec, top, uri, log)
-    for t in trials:  # close the runs of trials that were not certified
-        run_file = Path(t["out_dir"]) / "mlflow_run_id"
-        if t.get("acr") is None and run_file.exists():
-            tracking.set_status(uri, run_file.read_text().strip(), "FAILED" if t["error"] else "FINISHED")
+    certify_trials(spec, top, uri, experiment_id, parent, log)
+    for t in trials:
+        tracking.set_status(uri, t["run_id"], "FAILED" if t["error"] else "FINISHED")
     table = summary_table(trials, list(spec.space))
     log(table)
-    (search_dir / "summary.txt").write_text(table + "\n")
-    tracking.log_artifact(uri, parent, search_dir / "summary.txt")
+    (local_dir / "summary.txt").write_text(table + "\n")
+    tracking.log_artifact(uri, parent, local_dir / "summary.txt")
     certified = [t for t in top if t.get("acr") is not None]
     if certified:
         best = max(certified, key=lambda t: t["acr"])
         tracking.log_metrics(uri, parent, {"best_acr": best["acr"], "trials": len(trials)})
-    tracking.set_status(uri, parent, "FINISHED" if not any(t["error"] for t in trials) else "FAILED")
     errors = [t for t in trials if t["error"]]
+    tracking.set_status(uri, parent, "FAILED" if errors else "FINISHED")
     for t in errors:
         log(f"trial {t['trial_id']} failed: {str(t['error']).splitlines()[0]}")
     ray.shutdown()

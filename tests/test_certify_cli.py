@@ -94,3 +94,14 @@ def test_module_entry_point_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sodm.analyze", str(tmp_path / "nope.tsv")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_bad_cluster_arguments(digits_checkpoint, tmp_path, capsys, monkeypatch):
+    base = ["--checkpoint", digits_checkpoint, "--out", tmp_path / "c.tsv", "--max", 2, "--n", 100,
+            "--n0", 10, "--no-progress"]
+    assert run_certify(*base, "--num-workers", 0) == 2
+    assert "--num-workers must be >= 1" in capsys.readouterr().err
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # nothing listens on the discard port
+    assert run_certify(*base, "--num-workers", 2) == 2
+    err = capsys.readouterr().err
+    assert "unreachable" in err and len(err.strip().splitlines()) == 1

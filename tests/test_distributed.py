@@ -101,3 +101,33 @@ def test_killed_worker_and_refresher_recover(local_ray, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]  # nothing skipped
     assert history[-1]["mapping_version"] > 0
     assert history[-1]["test_clean_acc"] > 0.7
+
+
+def test_certification_spread_over_workers_gives_the_same_rows(local_ray, digits_checkpoint, tmp_path):
+    from sodm.certify import certify_subset, certify_subset_on_ray
+    from sodm.data import load_dataset
+    from sodm.smoothing import Smooth
+
+    job = {"checkpoint_bytes": digits_checkpoint.read_bytes(), "dataset": "digits", "split": "test",
+           "data_dir": None, "sigma": 0.25, "dtype": "fp32"}
+    indices = list(range(0, 360, 30))
+    params = dict(n0=20, n=300, alpha=0.001, batch=150, seed=5, progress=False)
+    certify_subset_on_ray(job, indices, out=tmp_path / "one.tsv", num_workers=1, use_gpu=False,
+                          chunk=2, **params)
+    certify_subset_on_ray(job, indices, out=tmp_path / "two.tsv", num_workers=2, use_gpu=False,
+                          chunk=2, **params)
+    model = model_from_checkpoint(load_checkpoint(digits_checkpoint))
+    certify_subset(Smooth(model, 10, 0.25), load_dataset("digits", "test"), indices,
+                   out=tmp_path / "local.tsv", device=torch.device("cpu"), **params)
+
+    def rows(name):
+        return [line.split("\t")[:5] for line in (tmp_path / name).read_text().splitlines()]
+
+    assert rows("one.tsv") == rows("two.tsv") == rows("local.tsv")
+    assert [r[0] for r in rows("two.tsv")[1:]] == [str(i) for i in indices]  # in index order
+    # Resumable like the single-process file: a cut file is completed to the same rows.
+    lines = (tmp_path / "two.tsv").read_text().splitlines()
+    (tmp_path / "two.tsv").write_text("\n".join(lines[:6]) + "\n")
+    certify_subset_on_ray(job, indices, out=tmp_path / "two.tsv", num_workers=2, use_gpu=False,
+                          **params)
+    assert rows("two.tsv") == rows("one.tsv")

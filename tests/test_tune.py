@@ -114,9 +114,11 @@ def test_search_interrupted_resumed_and_recorded_in_mlflow(tmp_path):
     space = write(tmp_path, doc)
     db = tmp_path / "mlflow.db"
     env = {k: v for k, v in {**os.environ, **QUIET}.items() if k != "RAY_ADDRESS"}
+    # Storage as a URI (the remote-storage path: state and checkpoints through pyarrow), the
+    # summaries and certifications in the local work folder.
     cmd = [sys.executable, "-m", "sodm.tune", "--space", str(space), "--storage",
-           str(tmp_path / "runs"), "--mlflow-uri", f"sqlite:///{db}"]
-    search = tmp_path / "runs" / "tiny"
+           (tmp_path / "runs").as_uri(), "--mlflow-uri", f"sqlite:///{db}"]
+    search = tmp_path / "sodm_work" / "tiny"
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
@@ -151,3 +153,13 @@ def test_search_interrupted_resumed_and_recorded_in_mlflow(tmp_path):
         assert "certification/certify.tsv" in artifacts and "certification/certify.png" in artifacts
         assert child.info.status == "FINISHED"
     assert (search / "summary.txt").exists()
+    assert list((tmp_path / "runs" / "tiny" / "trials").glob("*/train-*/checkpoint_*/checkpoint.pt"))
+
+
+def test_unwritable_storage_is_refused(tmp_path, capsys):
+    path = write(tmp_path, GOOD)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code = cli.run(tune.main, "sodm.tune", ["--space", str(path), "--storage", str(blocker / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot be written" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,113 @@
+"""`python -m sodm.cluster check-workdir [DIR]`: what `ray job submit --working-dir DIR` would
+upload, checked before it is uploaded. Ray zips the directory (minus .gitignore and .rayignore
+patterns) into its object store, whose cap fails a job late and obscurely; this says it first,
+with the largest files to exclude."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from sodm import cli
+
+# In practice Ray refuses working directories zipped past ~100 MiB (RAY-NOTES); its hard cap is
+# the gRPC message size. Fail at the practical limit.
+DEFAULT_LIMIT_MIB = 100
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def storage_join(base: str, *parts: str) -> str:
+    """A path under storage: a local path, or a URI Ray Train accepts (s3://, gs://, file://)."""
+    if is_uri(base):
+        return "/".join([str(base).rstrip("/"), *parts])
+    return str(Path(base, *parts))
+
+
+def _fs(path: str):
+    import pyarrow.fs
+
+    if is_uri(path):
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def storage_exists(path: str) -> bool:
+    import pyarrow.fs
+
+    fs, p = _fs(path)
+    return fs.get_file_info(p).type != pyarrow.fs.FileType.NotFound
+
+
+def check_writable(path: str) -> None:
+    """Create `path` and write a probe file there; raises StorageError with one clear line."""
+    try:
+        fs, p = _fs(path)
+        fs.create_dir(p, recursive=True)
+        probe = f"{p.rstrip('/')}/.sodm-write-probe"
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except Exception as e:  # pyarrow raises OSError, ValueError, ArrowInvalid, ...
+        raise StorageError(f"storage {path} cannot be written: {str(e).splitlines()[0]}") from None
+
+
+class StorageError(ValueError):
+    """A storage path or URI that cannot be used."""
+
+
+class ClusterError(ConnectionError):
+    """A Ray cluster that cannot be reached or used."""
+
+
+def package_size(directory: Path) -> tuple[int, list[tuple[int, str]]]:
+    """The zipped size Ray would upload for `directory`, and the largest files it would include."""
+    import logging
+
+    from ray._private.runtime_env import packaging
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "pkg.zip"
+        packaging._zip_files(str(directory), [], str(out), include_gitignore=True,
+                             logger=logging.getLogger("sodm.cluster"))
+        size = out.stat().st_size
+        import zipfile
+
+        with zipfile.ZipFile(out) as z:
+            files = sorted(((i.file_size, i.filename) for i in z.infolist()), reverse=True)[:5]
+    return size, files
+
+
+def check_workdir(directory: Path, limit_mib: float = DEFAULT_LIMIT_MIB) -> str:
+    if not directory.is_dir():
+        raise cli.UsageError(f"{directory} is not a directory")
+    size, largest = package_size(directory)
+    mib = size / 2 ** 20
+    if mib > limit_mib:
+        biggest = ", ".join(f"{name} ({s / 2 ** 20:.1f} MiB)" for s, name in largest)
+        raise cli.UsageError(f"the working directory {directory} zips to {mib:.1f} MiB, over the "
+                             f"{limit_mib:.0f} MiB Ray accepts; exclude files in .rayignore "
+                             f"(largest: {biggest}) and keep data and runs on shared storage")
+    return f"{directory}: {mib:.2f} MiB to upload (limit {limit_mib:.0f} MiB): ok"
+
+
+def main(argv=None) -> int:
+    p = cli.ArgumentParser(prog="sodm.cluster", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check-workdir", help="check what `ray job submit --working-dir` uploads")
+    c.add_argument("directory", nargs="?", default=".", type=Path)
+    c.add_argument("--limit-mib", type=float, default=DEFAULT_LIMIT_MIB)
+    args = p.parse_args(argv)
+    print(check_workdir(args.directory.resolve(), args.limit_mib))
+    return 0
+
+
+def console() -> None:
+    sys.exit(cli.run(main, "sodm.cluster"))
+
+
+if __name__ == "__main__":
+    console()

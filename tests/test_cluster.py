@@ -1,0 +1,172 @@
+"""cluster/: launcher configs and KubeRay manifests validated with Ray's own checks, the working
+directory check, and a real `ray job submit` of a tiny search to a local head."""
+
+import copy
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+
+
+def pinned_ray_version() -> str:
+    text = (ROOT / "pyproject.toml").read_text()
+    return re.search(r'"ray\[default,train,tune\]==([\d.]+)"', text).group(1)
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_launcher_configs_validate(name):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CLUSTER / name).read_text())
+    validate_config(prepare_config(copy.deepcopy(config)))
+    types = config["available_node_types"]
+    gpu = [t for t in types.values() if t.get("max_workers", 0) > 0]
+    assert gpu and all(t["min_workers"] <= t["max_workers"] <= config["max_workers"] for t in gpu)
+    assert config["head_node_type"] in types
+    text = (CLUSTER / name).read_text()
+    assert f'"ray[default,train,tune]=={pinned_ray_version()}"' in text
+    assert f"sodm:{pinned_ray_version()}-gpu" in config["docker"]["image"]
+    starts = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    assert starts.count("RAY_AUTH_MODE=token") == 2  # token auth on every node
+    assert "--dashboard-host=127.0.0.1" in starts
+    assert not re.search(r"(?i)(secret|password|aws_access_key|private_key)\s*[:=]", text)
+    # Ray's validation is not a rubber stamp: an unknown key fails it.
+    broken = copy.deepcopy(config)
+    broken["head_node_typo"] = "head"
+    with pytest.raises(Exception):
+        validate_config(prepare_config(broken))
+
+
+def _kuberay_manifests():
+    cluster = yaml.safe_load((CLUSTER / "kuberay-raycluster.yaml").read_text())
+    job = yaml.safe_load((CLUSTER / "kuberay-rayjob.yaml").read_text())
+    return cluster, job
+
+
+def test_kuberay_manifests():
+    from ray.autoscaler._private.kuberay.autoscaling_config import (
+        _derive_autoscaling_config_from_ray_cr)
+    from ray.autoscaler._private.util import validate_config
+
+    cluster, job = _kuberay_manifests()
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    version = pinned_ray_version()
+    for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
+        assert str(spec["rayVersion"]) == version
+        pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+        for pod in pods:
+            for c in pod["spec"]["containers"]:
+                assert c["image"].endswith(f":{version}-gpu")
+                env = {e["name"]: e for e in c["env"]}
+                assert env["RAY_AUTH_MODE"]["value"] == "token"
+                assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]  # no token inline
+        assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
+        gpu = spec["workerGroupSpecs"][0]
+        assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert gpu["minReplicas"] <= gpu["maxReplicas"]
+        config = _derive_autoscaling_config_from_ray_cr({"metadata": cluster["metadata"], "spec": spec})
+        validate_config(config)
+        assert config["available_node_types"]["gpu"]["resources"]["GPU"] == 1
+    s = job["spec"]
+    assert s["entrypoint"].startswith("python -m sodm.tune --space cifar10.yaml")
+    assert "--resume" in s["entrypoint"]  # safe to run twice
+    assert s["shutdownAfterJobFinishes"] is True
+    assert s["ttlSecondsAfterFinished"] > 0 and s["activeDeadlineSeconds"] > 0
+    assert 0 < s["backoffLimit"] <= 5
+
+
+def test_dockerfile_uses_the_pinned_ray_image():
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{pinned_ray_version()}-py311-gpu" in text
+
+
+def test_workdir_check(tmp_path, capsys):
+    from sodm import cli
+    from sodm.cluster import main
+
+    (tmp_path / "code.py").write_text("print(1)\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "big.bin").write_bytes(os.urandom(3 * 2 ** 20))
+    assert cli.run(main, "sodm.cluster", ["check-workdir", str(tmp_path), "--limit-mib", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "over the 1 MiB" in err and "data/big.bin" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / ".rayignore").write_text("data/\n")
+    assert cli.run(main, "sodm.cluster", ["check-workdir", str(tmp_path), "--limit-mib", "1"]) == 0
+    # The repository itself stays small once .rayignore and .gitignore apply.
+    assert cli.run(main, "sodm.cluster", ["check-workdir", str(ROOT)]) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A local Ray head started by its own process, stopped at the end."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    env.pop("RAY_ADDRESS", None)
+    # The job's `python` is the cluster's: this environment's (a cluster node's image has sodm).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    temp = Path("/tmp") / f"rayhead{port}"  # short: Ray's socket paths have a length limit
+    subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=4",
+                    f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_a_search(ray_head, tmp_path):
+    address, env = ray_head
+    space = tmp_path / "job.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "job",
+        "base": {"dataset": "digits", "epochs": 1, "train_subset": 256, "eval_count": 50,
+                 "acr_quick_count": 2, "acr_quick_n": 32, "lr_milestones": []},
+        "space": {"beta": {"type": "choice", "values": [2.0, 6.0]}},
+        "search": {"num_samples": 1, "scheduler": "fifo", "max_concurrent_trials": 1},
+        "resources": {"worker_cpus": 0.5, "trial_cpus": 0.25, "refresher_cpus": 0.25},
+        "final": {"top_k": "all", "n0": 10, "n": 100, "skip": 90, "max": 4, "batch": 100},
+        "mlflow": {"experiment": "job"}}))
+    db = tmp_path / "mlflow.db"
+    ray_bin = Path(sys.executable).parent / "ray"
+    submit = subprocess.run(
+        [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+         "--no-wait", "--", "python", "-m", "sodm.tune", "--space", str(space),
+         "--storage", str(tmp_path / "results"), "--mlflow-uri", f"sqlite:///{db}"],
+        env=env, capture_output=True, text=True, timeout=180)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    deadline = time.time() + 420
+    while time.time() < deadline and not client.get_job_status(job_id).is_terminal():
+        time.sleep(2)
+    status = client.get_job_status(job_id)
+    assert status == JobStatus.SUCCEEDED, f"{status}\n{client.get_job_logs(job_id)[-4000:]}"
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    runs = mlflow.search_runs(experiment_names=["job"], output_format="list")
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == 2 and len(children) == 1
+    assert "acr" in children[0].data.metrics and "beta" in children[0].data.params
