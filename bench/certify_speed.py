@@ -8,6 +8,7 @@ the predictions and np.bincount per batch), measured in the same run.
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import time
 
@@ -33,17 +34,21 @@ def reference_counts(model, x, num, batch_size, sigma, num_classes):
     return counts
 
 
-def timed(fn, device, repeats):
-    fn()  # warm-up (cuDNN autotuning, allocator)
-    best = float("inf")
+def timed(fns, device, repeats):
+    """Best wall time of each function, the functions interleaved in every repeat so that a
+    change in the machine's load affects them alike."""
+    for fn in fns:
+        fn()  # warm-up (cuDNN autotuning, allocator)
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
+        for k, fn in enumerate(fns):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best[k] = min(best[k], time.perf_counter() - t)
     return best
 
 
@@ -66,15 +71,16 @@ def main():
         torch.manual_seed(0)
         model = build_model(arch, 10, (0.49, 0.48, 0.45), (0.2, 0.2, 0.2)).to(device).eval()
         x = torch.rand(3, 32, 32, device=device)
-        base = timed(lambda: reference_counts(model, x.unsqueeze(0), n, batch, 0.25, 10), device, args.repeats)
-        print(f"{arch:<18}{'plain':<10}{n / base:>12.0f}{1.0:>8.2f}")
-        fast_model = model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+        fast_model = (copy.deepcopy(model).to(memory_format=torch.channels_last)
+                      if device.type == "cuda" else model)
         modes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if args.bf16 else [])
-        for label, dtype in modes:
-            smooth = Smooth(fast_model, 10, 0.25, dtype)
-            t = timed(lambda: smooth.sample_counts(x, n, batch), device, args.repeats)
-            print(f"{arch:<18}{'sodm ' + label:<10}{n / t:>12.0f}{base / t:>8.2f}")
-
+        smooths = [Smooth(fast_model, 10, 0.25, dtype) for _, dtype in modes]
+        fns = [lambda: reference_counts(model, x.unsqueeze(0), n, batch, 0.25, 10)]
+        fns += [lambda s=s: s.sample_counts(x, n, batch) for s in smooths]
+        base, *times = timed(fns, device, args.repeats)
+        print(f"{arch:<18}{'plain':<10}{n / base:>12.0f}{1.0:>8.2f}", flush=True)
+        for (label, _), t in zip(modes, times):
+            print(f"{arch:<18}{'sodm ' + label:<10}{n / t:>12.0f}{base / t:>8.2f}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ test subset at the end.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -369,12 +370,12 @@ def certify_run(cfg: TrainConfig, model, out_dir: Path, ckpt_path: Path, device,
 
 def _parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="sodm.train", description=__doc__,
-                           formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, field in TrainConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
             p.add_argument(flag, dest=name, default=None,
-                           action=__import__("argparse").BooleanOptionalAction)
+                           action=argparse.BooleanOptionalAction)
         else:
             p.add_argument(flag, dest=name, default=None, metavar=name.upper(),
                            help=field.description)

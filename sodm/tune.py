@@ -10,6 +10,7 @@ looked up in tune_spaces/; a path is taken as given.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -329,7 +330,7 @@ def _fmt(v) -> str:
 
 def main(argv=None) -> int:
     p = cli.ArgumentParser(prog="sodm.tune", description=__doc__,
-                           formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", required=True, help="a space file, or a bare name in tune_spaces/")
     p.add_argument("--mlflow-uri", default=None,
                    help="tracking URI (default: the space file's, MLFLOW_TRACKING_URI, or ./mlflow.db)")
