@@ -10,6 +10,15 @@ from sodm.metrics import format_table, read_results
 from sodm.plots import certified_accuracy_curve
 
 
+def labels(paths: list[Path]) -> list[str]:
+    """Short names for the table and legend: the file names, or, when those repeat (every run's
+    certify.tsv), the names of their folders."""
+    for names in ([p.stem for p in paths], [p.resolve().parent.name for p in paths]):
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
+
+
 def main(argv=None) -> int:
     p = cli.ArgumentParser(prog="sodm.analyze", description=__doc__)
     p.add_argument("results", nargs="+", type=Path, help="certification TSV files (sodm.certify --out)")
@@ -19,11 +28,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     rows = {}
-    for path in args.results:
+    for name, path in zip(labels(args.results), args.results):
         if not path.is_file():
             raise cli.UsageError(f"no such results file: {path}")
         try:
-            rows[path.stem if path.stem not in rows else str(path)] = read_results(path)
+            rows[name] = read_results(path)
         except ValueError as e:
             raise cli.UsageError(str(e)) from None
     print(format_table(rows))

@@ -65,3 +65,11 @@ def test_not_a_results_file(tmp_path):
     bad.write_text("a\tb\n1\t2\n")
     with pytest.raises(ValueError, match="not a certification TSV"):
         read_results(bad)
+
+
+def test_analyze_labels_runs_by_folder_when_files_share_a_name(tmp_path):
+    from sodm.analyze import labels
+
+    a, b = tmp_path / "run-a" / "certify.tsv", tmp_path / "run-b" / "certify.tsv"
+    assert labels([a, b]) == ["run-a", "run-b"]
+    assert labels([tmp_path / "x.tsv", tmp_path / "y.tsv"]) == ["x", "y"]
