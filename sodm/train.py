@@ -336,9 +336,11 @@ def format_record(r: dict) -> str:
                if r["mapping_version"] else ""))
 
 
-def certify_run(cfg: TrainConfig, model, out_dir: Path, ckpt_path: Path, device, log) -> dict:
-    """Certify the run's test subset (resumable) and write the table row and curve beside it."""
-    from sodm.certify import certify_subset, provenance, write_provenance
+def certify_run(cfg: TrainConfig, model, out_dir: Path, ckpt_path: Path, device, log,
+                num_workers: int = 0, use_gpu: bool = False) -> dict:
+    """Certify the run's test subset (resumable) and write the table row and curve beside it;
+    spread over num_workers Ray workers (one GPU each with use_gpu) when num_workers > 0."""
+    from sodm.certify import certify_subset, certify_subset_on_ray, provenance, write_provenance
     from sodm.checkpoint import file_hash
     from sodm.metrics import format_table, read_results, summary
     from sodm.plots import certified_accuracy_curve
@@ -352,12 +354,18 @@ def certify_run(cfg: TrainConfig, model, out_dir: Path, ckpt_path: Path, device,
         checkpoint=str(ckpt_path), checkpoint_sha256=file_hash(ckpt_path), dataset=cfg.dataset,
         split="test", subset={"start": 0, "skip": cfg.cert_skip, "count": len(indices)},
         n0=cfg.cert_n0, n=cfg.cert_n, alpha=cfg.cert_alpha, sigma=cfg.sigma, batch=cfg.cert_batch,
-        dtype="fp32", seed=cfg.seed, device=str(device)))
-    model.eval()
-    smooth = Smooth(model, dataset_info(cfg.dataset).num_classes, cfg.sigma)
-    certify_subset(smooth, test, indices, n0=cfg.cert_n0, n=cfg.cert_n, alpha=cfg.cert_alpha,
-                   batch=cfg.cert_batch, seed=cfg.seed, out=out, device=device,
-                   progress=cfg.progress)
+        dtype="fp32", seed=cfg.seed,
+        device=f"ray: {num_workers} {'GPU' if use_gpu else 'CPU'} workers" if num_workers else str(device)))
+    params = dict(n0=cfg.cert_n0, n=cfg.cert_n, alpha=cfg.cert_alpha, batch=cfg.cert_batch,
+                  seed=cfg.seed, out=out, progress=cfg.progress)
+    if num_workers:
+        job = {"checkpoint_bytes": Path(ckpt_path).read_bytes(), "dataset": cfg.dataset,
+               "split": "test", "data_dir": cfg.data_dir, "sigma": cfg.sigma, "dtype": "fp32"}
+        certify_subset_on_ray(job, indices, num_workers=num_workers, use_gpu=use_gpu, **params)
+    else:
+        model.eval()
+        smooth = Smooth(model, dataset_info(cfg.dataset).num_classes, cfg.sigma)
+        certify_subset(smooth, test, indices, device=device, **params)
     results = read_results(out)
     certified_accuracy_curve({f"{cfg.method} sigma={cfg.sigma}": results}, out_dir / "certify.png")
     log(f"certified {len(results)} test images (N={cfg.cert_n}, alpha={cfg.cert_alpha}):\n"

@@ -111,6 +111,8 @@ class Final(Strict):
     batch: int = Field(1000, ge=1)
     skip: Optional[int] = Field(None, ge=1, description="default: the data set's usual subset")
     max: Optional[int] = Field(None, ge=1)
+    num_workers: int = Field(0, ge=0, description="spread certification over K Ray workers (0: the driver)")
+    use_gpu: bool = False
 
 
 class MLflowTarget(Strict):
@@ -301,7 +303,7 @@ def certify_trials(spec: SpaceFile, trials: list[dict], uri: str, experiment_id:
             cert_skip=f.skip or dataset_info(cfg.dataset).cohen_skip, cert_max=f.max or 500))
         device = torch.device("cuda" if torch.cuda.is_available() and cfg.use_gpu else "cpu")
         summary = certify_run(cfg, model_from_checkpoint(ckpt, device), out_dir, ckpt_path, device,
-                              log)
+                              log, num_workers=f.num_workers, use_gpu=f.use_gpu)
         t.update(acr=summary["acr"], certification=summary)
         run_id = t["run_id"]
         tracking.log_metrics(uri, run_id, {k: v for k, v in summary.items() if k != "count"})

@@ -108,7 +108,9 @@ def test_search_interrupted_resumed_and_recorded_in_mlflow(tmp_path):
         "space": GOOD["space"],
         "search": {"num_samples": 2, "scheduler": "fifo", "max_concurrent_trials": 1},
         "resources": {"worker_cpus": 0.5, "trial_cpus": 0.25, "refresher_cpus": 0.25},
-        "final": {"top_k": "all", "n0": 20, "n": 200, "skip": 36, "max": 5, "batch": 200},
+        # the end of the search certifies over 2 Ray workers, as on a cluster
+        "final": {"top_k": "all", "n0": 20, "n": 200, "skip": 36, "max": 5, "batch": 200,
+                  "num_workers": 2},
         "mlflow": {"experiment": "tiny"},
     }
     space = write(tmp_path, doc)
@@ -152,6 +154,9 @@ def test_search_interrupted_resumed_and_recorded_in_mlflow(tmp_path):
         artifacts = [a.path for a in client.list_artifacts(child.info.run_id, "certification")]
         assert "certification/certify.tsv" in artifacts and "certification/certify.png" in artifacts
         assert child.info.status == "FINISHED"
+        local = tmp_path / "sodm_work" / "tiny" / "trials" / child.data.tags["sodm.trial_id"]
+        provenance = (local / "certify.tsv.json").read_text()
+        assert "ray: 2 CPU workers" in provenance
     assert (search / "summary.txt").exists()
     assert list((tmp_path / "runs" / "tiny" / "trials").glob("*/train-*/checkpoint_*/checkpoint.pt"))
 
