@@ -7,6 +7,7 @@ a partly written file, and records the provenance of the run beside it in `<out>
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -42,16 +43,17 @@ def check_certify_args(sigma: float, n0: int, n: int, alpha: float, batch: int) 
 
 
 def read_done(out: Path) -> dict[int, str]:
-    """Rows already in a results file, by idx; a torn last line (a crash mid-write) is dropped."""
+    """Rows already in a results file, by idx. Every line but the last ended with a newline and is
+    complete; the last one is complete only if the file ends with a newline (else a crash cut it)."""
     done: dict[int, str] = {}
-    if not out.exists():
+    if not out.exists() or out.stat().st_size == 0:
         return done
-    lines = out.read_text().split("\n")
-    if lines and lines[0].split("\t") != list(COLUMNS):
+    lines = out.read_text().split("\n")  # the part after the final newline, "" if there is one
+    if lines[0].split("\t") != list(COLUMNS):
         raise cli.UsageError(f"{out} exists and is not a certification TSV; choose another --out")
-    for line in lines[1:]:
+    for line in lines[1:-1]:
         fields = line.split("\t")
-        if len(fields) == len(COLUMNS) and line.endswith(fields[-1]) and fields[-1]:
+        if len(fields) == len(COLUMNS):
             try:
                 done[int(fields[0])] = line
             except ValueError:
@@ -68,17 +70,23 @@ def certify_one(smoothed: Smooth, dataset, i: int, *, n0: int, n: int, alpha: fl
                                           generator=noise_generator(seed, i, device))
     elapsed = time.perf_counter() - start
     correct = int(prediction == int(label))
-    return f"{i}\t{int(label)}\t{prediction}\t{radius:.6g}\t{correct}\t{elapsed:.3f}"
+    # The radius is written exactly (repr round-trips): a rounded one could claim a radius that
+    # was not proven (0.2499997 shown as 0.25 would count at r = 0.25).
+    return f"{i}\t{int(label)}\t{prediction}\t{radius!r}\t{correct}\t{elapsed:.3f}"
 
 
 def _start_file(out: Path) -> dict[int, str]:
     """Keep the complete rows of a previous run (resume), rewriting the file without a torn line."""
     out.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(out)
-    with out.open("w") as f:
+    tmp = out.with_name(f".{out.name}.tmp")
+    with tmp.open("w") as f:  # rewritten aside and swapped in: a crash here loses no row
         f.write("\t".join(COLUMNS) + "\n")
         for line in done.values():
             f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
     return done
 
 
