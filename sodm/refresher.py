@@ -36,7 +36,6 @@ class MappingRefresher:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + REFRESHER_SEED_OFFSET)
         self.version = 0
         self.seconds = 0.0
-        self.last_stats: dict[str, float] = {}
         # Guards the parameters and version against a concurrent `latest` (the Ray actor answers
         # queries while an update runs); the expensive forward pass runs outside it.
         self._lock = threading.Lock()
@@ -60,7 +59,6 @@ class MappingRefresher:
         with self._lock:
             self.optimizer.step()
             self.version += 1
-        self.last_stats = {"refresh_loss": out.loss.item(), **out.stats}
         self.seconds += time.perf_counter() - start
         return self.version
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
-
-import os
 
 
 def resolve_uri(uri: str | None = None) -> str:
