@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from sodm import distributed  # noqa: E402
 from sodm.config import make_config  # noqa: E402
-from sodm.train import train  # noqa: E402
+from sodm.loop import train  # noqa: E402
 
 
 def throughput(history, cfg):

@@ -11,19 +11,33 @@ import argparse
 import platform
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
 from sodm.config import make_config
+from sodm.loop import LocalSession, TrainState, train_epoch
 from sodm.mapping import build_mapping
-from sodm.models import build_model
-from sodm.refresher import MappingRefresher
-from sodm.train import compute_loss
+from sodm.models import build_model, describe_model
+from sodm.refresher import MappingRefresher, needs_refresher
+
+MEAN, STD = (0.49, 0.48, 0.45), (0.2, 0.2, 0.2)
 
 
 class RandomData:
-    def __init__(self, x, y):
-        self.x, self.y = x, y
+    """CIFAR-shaped random images on the device, with TrainData's interface: `steps` batches an
+    epoch, and samples for the refresher."""
+
+    def __init__(self, x, y, batch: int, steps: int):
+        self.x, self.y, self.batch, self.steps = x, y, batch, steps
+
+    def steps_per_epoch(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch, generator):
+        for _ in range(self.steps):
+            idx = torch.randint(0, len(self.y), (self.batch,), device=self.y.device, generator=generator)
+            yield self.x[idx], self.y[idx]
 
     def sample(self, k, generator):
         idx = torch.randint(0, len(self.y), (k,), generator=generator, device=generator.device)
@@ -59,40 +73,35 @@ def main():
     y_all = torch.randint(0, 10, (2048,), device=device)
     for method in args.methods:
         cfg = make_config(dataset="digits", method=method, n=n, n_prime=n_prime, m=args.m,
-                          refresh_batch_size=batch, smoothadv_steps=2 if not cuda else 10)
+                          refresh_batch_size=batch, smoothadv_steps=2 if not cuda else 10,
+                          progress=False, lr_milestones=[], epochs=1)
         torch.manual_seed(0)
-        model = build_model(args.arch, 10, (0.49, 0.48, 0.45), (0.2, 0.2, 0.2)).to(device)
+        model = build_model(args.arch, 10, MEAN, STD).to(device)
         if cuda:
             model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        mapping = build_mapping("affine" if method == "sodm" else "softmax", 10).to(device)
-        spec = {"arch": args.arch, "num_classes": 10, "mean": [0.49, 0.48, 0.45],
-                "std": [0.2, 0.2, 0.2], "in_channels": 3}
-        refresher = MappingRefresher(cfg, spec, RandomData(x_all, y_all), device) if method == "sodm" else None
-        gen = torch.Generator(device=device).manual_seed(0)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-
-        def step(i):
-            idx = torch.randint(0, 2048, (batch,), device=device, generator=gen)
-            out, _ = compute_loss(cfg, model, x_all[idx], y_all[idx], gen, mapping, 6.0, autocast, cuda)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            opt.step()
-            if refresher is not None and (i + 1) % args.m == 0:
-                refresher.update(model.state_dict(), 6.0)
-                mapping.load_state_dict(refresher.latest()[1])
-
-        for i in range(2):
-            step(i)  # warm-up
+        refresher = None
+        if needs_refresher(cfg):
+            refresher = MappingRefresher(cfg, describe_model(args.arch, 10, MEAN, STD, 3),
+                                         RandomData(x_all, y_all, batch, 0), device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        state = TrainState(  # the loop's own state and epoch function, on random data
+            cfg=cfg, session=LocalSession(Path("."), device), model=model, net=model,
+            optimizer=optimizer, scheduler=torch.optim.lr_scheduler.MultiStepLR(optimizer, []),
+            data=RandomData(x_all, y_all, batch, 2), refresher=refresher,
+            mapping=build_mapping(cfg.mapping if method == "sodm" else "softmax", 10).to(device),
+            noise_gen=torch.Generator(device=device).manual_seed(0),
+            aug_gen=torch.Generator(device=device).manual_seed(1), channels_last=cuda,
+            autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext())
+        train_epoch(state, 0)  # warm-up
         if refresher:
             refresher.seconds = 0.0
+        steps = args.steps * args.m
+        state.data.steps = steps
         sync(device)
         start = time.perf_counter()
-        for i in range(args.steps * args.m):
-            step(i)
+        train_epoch(state, 0)
         sync(device)
         elapsed = time.perf_counter() - start
-        steps = args.steps * args.m
         share = f"{100 * refresher.seconds / elapsed:.0f}%" if refresher else "-"
         label = method + (f" ({cfg.smoothadv_steps} PGD)" if method == "smoothadv" else "")
         print(f"{label:<18}{steps * batch * n / elapsed:>16.0f}{steps * batch / elapsed:>10.0f}"

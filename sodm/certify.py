@@ -1,45 +1,77 @@
 """`python -m sodm.certify`: CERTIFY (Cohen et al. 2019) every image of a test subset.
 
 Writes one tab-separated row per image (idx label predict radius correct time) as it goes, resumes
-a partly written file, and records the provenance of the run beside it in `<out>.json`.
+a partly written file, and records the provenance of the run beside it in `<out>.json`. The same
+code certifies at the end of a training run and at the end of a search, in this process or spread
+over Ray workers; `CertifySettings` holds what a certification is (n0, N, alpha, the subset, ...).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Literal, Optional
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sodm import __version__, cli
-from sodm.checkpoint import CheckpointError, file_hash, load_checkpoint, model_from_checkpoint
+from sodm.checkpoint import (CheckpointError, file_hash, load_checkpoint, model_from_checkpoint,
+                             read_checkpoint)
+from sodm.cluster import ClusterError, init_ray
 from sodm.data import DataError, dataset_info, load_dataset, subset_indices
-from sodm.metrics import COLUMNS
+from sodm.metrics import COLUMNS, Results, format_table, read_results, summary
+from sodm.plots import certified_accuracy_curve
 from sodm.smoothing import Smooth, can_ever_certify, noise_generator
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The field's usual certified subset: every `cohen_skip`-th test image of the data set (20 for
+# CIFAR-10, 100 for ImageNet), at most this many.
+USUAL_MAX = 500
 
 
-def check_certify_args(sigma: float, n0: int, n: int, alpha: float, batch: int) -> None:
-    """The certification parameters every entry point validates the same way (raises UsageError)."""
-    if not sigma > 0:
-        raise cli.UsageError(f"--sigma must be > 0, got {sigma}")
-    if n0 < 1 or n < 1:
-        raise cli.UsageError(f"--n0 and --n must be >= 1, got n0={n0}, n={n}")
-    if n0 > n:
-        raise cli.UsageError(f"--n0 ({n0}) must not exceed --n ({n})")
-    if not 0 < alpha < 1:
-        raise cli.UsageError(f"--alpha must lie in (0, 1), got {alpha}")
-    if not can_ever_certify(n, alpha):
-        raise cli.UsageError(f"--n {n} at --alpha {alpha} can never certify (even n of n correct "
-                             f"gives a lower bound alpha^(1/n) <= 1/2); raise --n")
-    if batch < 1:
-        raise cli.UsageError(f"--batch must be >= 1, got {batch}")
+class CertifySettings(BaseModel):
+    """One certification: CERTIFY's n0, N, alpha and batch, which images (start, every skip-th,
+    at most max; skip None is the data set's usual stride, max 0 certifies nothing), the
+    arithmetic (dtype) and the noise seed."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    n0: int = Field(100, ge=1, description="samples to select the top class")
+    n: int = Field(100_000, ge=1, description="samples to bound its probability")
+    alpha: float = Field(0.001, gt=0, lt=1)
+    batch: int = Field(1000, ge=1)
+    start: int = Field(0, ge=0)
+    skip: Optional[int] = Field(None, ge=1, description="default: the data set's usual subset")
+    max: Optional[int] = Field(USUAL_MAX, ge=0, description="at most this many images (none: all)")
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _can_certify(self):
+        if self.n0 > self.n:
+            raise ValueError(f"n0 ({self.n0}) must not exceed n ({self.n})")
+        if not can_ever_certify(self.n, self.alpha):
+            raise ValueError(f"n {self.n} at alpha {self.alpha} can never certify (even n of n "
+                             "correct gives a lower bound alpha^(1/n) <= 1/2); raise n")
+        return self
+
+    def indices(self, dataset: str, length: int) -> list[int]:
+        """The images certified out of a split of `length` images of `dataset`."""
+        if self.max == 0:
+            return []
+        return subset_indices(length, self.start, self.skip or dataset_info(dataset).cohen_skip,
+                              self.max)
+
+    def subset(self, dataset: str, count: int) -> dict[str, Any]:
+        """The subset as the provenance records it."""
+        return {"start": self.start, "skip": self.skip or dataset_info(dataset).cohen_skip,
+                "count": count}
 
 
 def read_done(out: Path) -> dict[int, str]:
@@ -61,13 +93,14 @@ def read_done(out: Path) -> dict[int, str]:
     return done
 
 
-def certify_one(smoothed: Smooth, dataset, i: int, *, n0: int, n: int, alpha: float, batch: int,
-                seed: int, device: torch.device) -> str:
+def certify_one(smoothed: Smooth, dataset, i: int, settings: CertifySettings,
+                device: torch.device) -> str:
     """CERTIFY image i with noise seeded by (seed, i): its result row (without the newline)."""
     x, label = dataset[i]
+    s = settings
     start = time.perf_counter()
-    prediction, radius = smoothed.certify(x.to(device), n0, n, alpha, batch,
-                                          generator=noise_generator(seed, i, device))
+    prediction, radius = smoothed.certify(x.to(device), s.n0, s.n, s.alpha, s.batch,
+                                          generator=noise_generator(s.seed, i, device))
     elapsed = time.perf_counter() - start
     correct = int(prediction == int(label))
     # The radius is written exactly (repr round-trips): a rounded one could claim a radius that
@@ -107,32 +140,43 @@ def _append_rows(out: Path, rows, total: int, initial: int, progress: bool) -> P
     return out
 
 
-def certify_subset(smoothed: Smooth, dataset, indices: Iterable[int], *, n0: int, n: int,
-                   alpha: float, batch: int, seed: int, out: Path, device: torch.device,
-                   progress: bool = True) -> Path:
+def certify_subset(smoothed: Smooth, dataset, indices: Iterable[int], settings: CertifySettings,
+                   *, out: Path, device: torch.device, progress: bool = True) -> Path:
     """Certify dataset[i] for i in indices into `out`, in index order, keeping rows already
     there (resume)."""
     out = Path(out)
     done = _start_file(out)
     todo = [i for i in indices if i not in done]
-    rows = (certify_one(smoothed, dataset, i, n0=n0, n=n, alpha=alpha, batch=batch, seed=seed,
-                        device=device) for i in todo)
+    rows = (certify_one(smoothed, dataset, i, settings, device) for i in todo)
     return _append_rows(out, rows, len(todo), len(done), progress)
 
 
-def certify_subset_on_ray(job: dict[str, Any], indices: Iterable[int], *, n0: int, n: int,
-                          alpha: float, batch: int, seed: int, out: Path, num_workers: int,
-                          use_gpu: bool, progress: bool = True, chunk: int = 4) -> Path:
+class CertifyWorker:
+    """One certification worker (a Ray actor): its own copy of the model and the data set,
+    certifying chunks of image indices with `certify_one`, so its rows are the single-process
+    rows. job: {"checkpoint_bytes", "dataset", "split", "data_dir", "sigma", "dtype"}."""
+
+    def __init__(self, job: dict):
+        self.device = cli.pick_device("auto")
+        ckpt = read_checkpoint(io.BytesIO(job["checkpoint_bytes"]), "the certified checkpoint",
+                               self.device)
+        self.smoothed = smoothed_classifier(ckpt, job["sigma"], job["dtype"], self.device)
+        self.dataset = load_dataset(job["dataset"], job["split"], job["data_dir"])
+
+    def certify(self, indices: list[int], settings: dict) -> list[str]:
+        s = CertifySettings(**settings)
+        return [certify_one(self.smoothed, self.dataset, i, s, self.device) for i in indices]
+
+
+def certify_subset_on_ray(job: dict[str, Any], indices: Iterable[int], settings: CertifySettings,
+                          *, out: Path, num_workers: int, use_gpu: bool, progress: bool = True,
+                          chunk: int = 4) -> Path:
     """The same rows as `certify_subset`, computed by num_workers Ray actors (one GPU each when
-    use_gpu, one CPU otherwise) and written in index order, resumable the same way.
-
-    job: {"checkpoint_bytes", "dataset", "split", "data_dir", "sigma", "dtype"}; the checkpoint
-    travels through the object store, so workers need no shared filesystem for it (the data set
-    must be readable from every worker)."""
-    import ray
+    use_gpu, one CPU otherwise) and written in index order, resumable the same way. The
+    checkpoint travels through the object store, so workers need no shared filesystem for it
+    (the data set must be readable from every worker)."""
+    import ray  # the Ray edge: imported only when certification is spread over Ray
     from ray.util import ActorPool
-
-    from sodm.distributed import CertifyWorker, init_ray
 
     out = Path(out)
     done = _start_file(out)
@@ -140,12 +184,13 @@ def certify_subset_on_ray(job: dict[str, Any], indices: Iterable[int], *, n0: in
     init_ray()
     job_ref = ray.put(job)
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
-    workers = [CertifyWorker.options(**resources).remote(job_ref)
+    actor = ray.remote(CertifyWorker)
+    workers = [actor.options(**resources).remote(job_ref)
                for _ in range(min(num_workers, max(1, len(todo))))]
-    params = dict(n0=n0, n=n, alpha=alpha, batch=batch, seed=seed)
     chunks = [todo[k:k + chunk] for k in range(0, len(todo), chunk)]
     pool = ActorPool(workers)
-    rows = (line for lines in pool.map(lambda w, c: w.certify.remote(c, params), chunks)
+    plain = settings.model_dump()
+    rows = (line for lines in pool.map(lambda w, c: w.certify.remote(c, plain), chunks)
             for line in lines)  # ActorPool.map yields in submission order: rows stay in order
     try:
         return _append_rows(out, rows, len(todo), len(done), progress)
@@ -178,8 +223,75 @@ def write_provenance(out: Path, record: dict[str, Any]) -> Path:
         if diff:
             raise cli.UsageError(f"{out} was certified with other settings ({', '.join(diff)} "
                                  "differ); choose another --out or remove it to start over")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def smoothed_classifier(ckpt: dict, sigma: float, dtype: str, device: torch.device) -> Smooth:
+    """The smoothed classifier of a checkpoint's model at noise level sigma."""
+    model = model_from_checkpoint(ckpt, device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return Smooth(model, ckpt["model"]["num_classes"], sigma, DTYPES[dtype])
+
+
+def certify_checkpoint(checkpoint: Path, settings: CertifySettings, out: Path, *,
+                       ckpt: dict | None = None, sigma: float | None = None,
+                       dataset: str | None = None, data_dir: str | None = None,
+                       split: str = "test", device: str = "auto", num_workers: int = 0,
+                       use_gpu: bool = False, progress: bool = True, download: bool = False,
+                       subset_note: dict[str, Any] | None = None) -> Results:
+    """Certify a checkpoint file's smoothed classifier on settings' subset of a split into `out`
+    (resumed when it holds rows of the same certification), its provenance beside it; in this
+    process, or over num_workers Ray workers (one GPU each with use_gpu). sigma, dataset and
+    data_dir default to the checkpoint's; subset_note is added to the provenance's subset."""
+    checkpoint = Path(checkpoint)
+    ckpt = ckpt if ckpt is not None else load_checkpoint(checkpoint)
+    sigma = ckpt["sigma"] if sigma is None else sigma
+    name = dataset or ckpt["dataset"]
+    data_dir = data_dir or ckpt.get("config", {}).get("data_dir")
+    info = dataset_info(name)
+    if info.num_classes != ckpt["model"]["num_classes"]:
+        raise DataError(f"data set {name} has {info.num_classes} classes, the checkpoint "
+                        f"{ckpt['model']['num_classes']}")
+    images = load_dataset(name, split, data_dir, download=download)
+    indices = settings.indices(name, len(images))
+    where = (f"ray: {num_workers} {'GPU' if use_gpu else 'CPU'} workers" if num_workers
+             else str(cli.pick_device(device)))
+    write_provenance(out, provenance(
+        checkpoint=str(checkpoint.resolve()), checkpoint_sha256=file_hash(checkpoint),
+        dataset=name, split=split, subset={**settings.subset(name, len(indices)), **(subset_note or {})},
+        n0=settings.n0, n=settings.n, alpha=settings.alpha, sigma=sigma, batch=settings.batch,
+        dtype=settings.dtype, seed=settings.seed, device=where))
+    if num_workers:
+        job = {"checkpoint_bytes": checkpoint.read_bytes(), "dataset": name, "split": split,
+               "data_dir": str(Path(data_dir).expanduser().resolve()) if data_dir else None,
+               "sigma": sigma, "dtype": settings.dtype}
+        certify_subset_on_ray(job, indices, settings, out=out, num_workers=num_workers,
+                              use_gpu=use_gpu, progress=progress)
+    else:
+        torch_device = cli.pick_device(device)
+        smoothed = smoothed_classifier(ckpt, sigma, settings.dtype, torch_device)
+        certify_subset(smoothed, images, indices, settings, out=out, device=torch_device,
+                       progress=progress)
+    return read_results(out)
+
+
+def certify_run(checkpoint: Path, settings: CertifySettings, out_dir: Path, label: str,
+                log: Callable[[str], None] = print, **where: Any) -> dict[str, float]:
+    """The end of a training run or a search trial: certify its checkpoint into
+    out_dir/certify.tsv (resumable), draw out_dir/certify.png, log the table row and return it
+    (certified accuracy at each radius, ACR). `where`: certify_checkpoint's device/num_workers/
+    use_gpu/progress."""
+    if settings.max == 0:
+        return {}
+    out = Path(out_dir) / "certify.tsv"
+    results = certify_checkpoint(checkpoint, settings, out, **where)
+    certified_accuracy_curve({label: results}, out.with_suffix(".png"))
+    log(f"certified {len(results)} test images (N={settings.n}, alpha={settings.alpha}):\n"
+        + format_table({label: results}))
+    return summary(results)
 
 
 def main(argv=None) -> int:
@@ -192,16 +304,18 @@ def main(argv=None) -> int:
     p.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--preset", choices=("cohen500", "full"), default=None,
-                   help="cohen500: every 20th CIFAR-10 / 100th ImageNet test image; full: all")
+                   help=f"cohen500: the data set's usual subset (every 20th CIFAR-10 / 100th "
+                        f"ImageNet test image, at most {USUAL_MAX}); full: all")
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--skip", type=int, default=None, help="certify every skip-th image (default 1)")
     p.add_argument("--max", type=int, default=None, help="at most this many images")
-    p.add_argument("--n0", type=int, default=100)
-    p.add_argument("--n", type=int, default=100_000)
-    p.add_argument("--alpha", type=float, default=0.001)
-    p.add_argument("--batch", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+    defaults = CertifySettings()
+    p.add_argument("--n0", type=int, default=defaults.n0)
+    p.add_argument("--n", type=int, default=defaults.n)
+    p.add_argument("--alpha", type=float, default=defaults.alpha)
+    p.add_argument("--batch", type=int, default=defaults.batch)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=defaults.dtype,
                    help="bf16 is an opt-in speed mode; it changes the function being certified")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
@@ -211,63 +325,32 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.num_workers is not None and args.num_workers < 1:
         raise cli.UsageError(f"--num-workers must be >= 1, got {args.num_workers}")
-
+    if args.sigma is not None and not args.sigma > 0:
+        raise cli.UsageError(f"--sigma must be > 0, got {args.sigma}")
+    if args.preset == "cohen500":  # the data set's usual stride (skip None), at most USUAL_MAX
+        subset = {"skip": args.skip, "max": USUAL_MAX if args.max is None else args.max}
+    else:
+        subset = {"skip": args.skip or 1, "max": args.max}
+    try:
+        settings = CertifySettings(n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch,
+                                   start=args.start, dtype=args.dtype, seed=args.seed, **subset)
+    except ValidationError as e:
+        raise cli.UsageError(cli.format_validation_error(e).replace("config: ", "")) from None
     try:
         ckpt = load_checkpoint(args.checkpoint)
-    except CheckpointError as e:
+        if args.sigma is not None and abs(args.sigma - ckpt["sigma"]) > 1e-12:
+            print(f"sodm.certify: note: certifying at sigma {args.sigma}, trained at "
+                  f"{ckpt['sigma']}", file=sys.stderr)
+        cli.pick_device(args.device)  # a bad --device is refused before any work
+        results = certify_checkpoint(
+            args.checkpoint, settings, args.out, ckpt=ckpt, sigma=args.sigma, dataset=args.dataset,
+            data_dir=args.data_dir, split=args.split, device=args.device,
+            num_workers=args.num_workers or 0, use_gpu=args.use_gpu,
+            progress=not args.no_progress, download=args.download,
+            subset_note={"preset": args.preset})
+    except (CheckpointError, DataError, ClusterError) as e:
         raise cli.UsageError(str(e)) from None
-    sigma = ckpt["sigma"] if args.sigma is None else args.sigma
-    check_certify_args(sigma, args.n0, args.n, args.alpha, args.batch)
-    if args.sigma is not None and abs(args.sigma - ckpt["sigma"]) > 1e-12:
-        print(f"sodm.certify: note: certifying at sigma {args.sigma}, trained at {ckpt['sigma']}",
-              file=sys.stderr)
-    name = args.dataset or ckpt["dataset"]
-    data_dir = args.data_dir or ckpt.get("config", {}).get("data_dir")
-    try:
-        info = dataset_info(name)
-        if info.num_classes != ckpt["model"]["num_classes"]:
-            raise cli.UsageError(f"data set {name} has {info.num_classes} classes, the checkpoint "
-                                 f"{ckpt['model']['num_classes']}")
-        dataset = load_dataset(name, args.split, data_dir, download=args.download)
-        skip = args.skip or ({"cohen500": info.cohen_skip, "full": 1}.get(args.preset) or 1)
-        count = args.max if args.max is not None else (500 if args.preset == "cohen500" else None)
-        indices = subset_indices(len(dataset), args.start, skip, count)
-    except DataError as e:
-        raise cli.UsageError(str(e)) from None
-    device = cli.pick_device(args.device)
-    try:
-        model = model_from_checkpoint(ckpt, device)
-    except CheckpointError as e:
-        raise cli.UsageError(str(e)) from None
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    smoothed = Smooth(model, ckpt["model"]["num_classes"], sigma, DTYPES[args.dtype])
-
-    write_provenance(args.out, provenance(
-        checkpoint=str(args.checkpoint.resolve()), checkpoint_sha256=file_hash(args.checkpoint),
-        dataset=name, split=args.split,
-        subset={"start": args.start, "skip": skip, "count": len(indices), "preset": args.preset},
-        n0=args.n0, n=args.n, alpha=args.alpha, sigma=sigma, batch=args.batch, dtype=args.dtype,
-        seed=args.seed, device=(f"ray: {args.num_workers} {'GPU' if args.use_gpu else 'CPU'} workers"
-                                if args.num_workers else str(device))))
-    params = dict(n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch, seed=args.seed,
-                  out=args.out, progress=not args.no_progress)
-    if args.num_workers:
-        from sodm.cluster import ClusterError
-
-        job = {"checkpoint_bytes": args.checkpoint.read_bytes(), "dataset": name,
-               "split": args.split, "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
-               "sigma": sigma, "dtype": args.dtype}
-        try:
-            certify_subset_on_ray(job, indices, num_workers=args.num_workers,
-                                  use_gpu=args.use_gpu, **params)
-        except ClusterError as e:
-            raise cli.UsageError(str(e)) from None
-    else:
-        certify_subset(smoothed, dataset, indices, device=device, **params)
-    from sodm.metrics import format_table, read_results
-
-    print(format_table({args.out.stem: read_results(args.out)}))
+    print(format_table({args.out.stem: results}))
     return 0
 
 

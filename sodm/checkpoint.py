@@ -2,8 +2,9 @@
 
 A checkpoint is a plain dict of plain values and tensors:
   format, sodm_version, model {arch, num_classes, mean, std, in_channels}, dataset, class_names,
-  sigma, method, config (the whole run config), state_dict, and for training runs the state needed
-  to resume (optimizer, epoch, RNG states, mapping, ...).
+  sigma, method, config (the run config, less sigma: the top-level sigma is its one home),
+  state_dict, and for training runs the state needed to resume (optimizer, epoch, RNG states,
+  mapping, ...). `run_config(ckpt)` gives the whole run config back.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from sodm import __version__
-from sodm.models import build_model
+from sodm.models import build_described
 
 FORMAT = "sodm-checkpoint/1"
 
@@ -26,20 +27,21 @@ class CheckpointError(ValueError):
     """A missing, unreadable or mismatching checkpoint."""
 
 
-def model_spec(arch: str, num_classes: int, mean, std, in_channels: int) -> dict[str, Any]:
-    return {"arch": arch, "num_classes": int(num_classes), "mean": [float(m) for m in mean],
-            "std": [float(s) for s in std], "in_channels": int(in_channels)}
+# What every checkpoint holds, and what its `model` entry holds.
+REQUIRED = ("model", "dataset", "sigma", "method", "state_dict")
+MODEL_KEYS = ("arch", "num_classes", "mean", "std", "in_channels")
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, spec: dict[str, Any], *,
+def save_checkpoint(path: str | Path, model: torch.nn.Module, model_desc: dict[str, Any], *,
                     dataset: str, sigma: float, method: str, config: dict[str, Any],
                     class_names: list[str] | None = None, **training_state: Any) -> Path:
     """Write the checkpoint atomically: a crash leaves the previous file intact, never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "sodm_version": __version__, "model": spec, "dataset": dataset,
-               "class_names": class_names, "sigma": float(sigma), "method": method,
-               "config": config, "state_dict": model.state_dict(), **training_state}
+    payload = {"format": FORMAT, "sodm_version": __version__, "model": model_desc,
+               "dataset": dataset, "class_names": class_names, "sigma": float(sigma),
+               "method": method, "config": {k: v for k, v in config.items() if k != "sigma"},
+               "state_dict": model.state_dict(), **training_state}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -57,27 +59,45 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no such checkpoint: {path}")
+    return read_checkpoint(path, str(path), map_location)
+
+
+def read_checkpoint(source, name: str, map_location="cpu") -> dict[str, Any]:
+    """A checkpoint from a file or a buffer, checked to hold every entry (never unpickling
+    anything but plain values and tensors); `name` says which in an error."""
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for a corrupt or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"cannot read checkpoint {name}: {str(e).splitlines()[0]}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a sodm checkpoint (format {FORMAT})")
+        raise CheckpointError(f"{name} is not a sodm checkpoint (format {FORMAT})")
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if not missing and isinstance(ckpt["model"], dict):
+        missing = [f"model.{k}" for k in MODEL_KEYS if k not in ckpt["model"]]
+    elif not missing:
+        missing = ["model (not a mapping)"]
+    if missing:
+        raise CheckpointError(f"{name} is an incomplete sodm checkpoint: it lacks "
+                              f"{', '.join(missing)}")
     return ckpt
+
+
+def run_config(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The whole run config a checkpoint was trained with (sigma from its one home)."""
+    return {**ckpt.get("config", {}), "sigma": ckpt["sigma"]}
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], device="cpu") -> torch.nn.Module:
     """Rebuild the model the checkpoint describes and load its weights strictly."""
-    spec = ckpt["model"]
+    desc = ckpt["model"]
     try:
-        model = build_model(spec["arch"], spec["num_classes"], spec["mean"], spec["std"],
-                            spec["in_channels"])
+        model = build_described(desc)
     except ValueError as e:
         raise CheckpointError(f"checkpoint model: {e}") from None
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not match {spec['arch']}: "
+        raise CheckpointError(f"checkpoint weights do not match {desc['arch']}: "
                               f"{str(e).splitlines()[0]}") from None
     return model.to(device).eval()
 

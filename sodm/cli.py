@@ -31,7 +31,20 @@ def run(main: Callable[[Sequence[str] | None], int | None], prog: str,
         return 130
 
 
+def format_validation_error(e) -> str:
+    """A pydantic ValidationError as one line: `key: what is wrong (got value)` for each key."""
+    parts = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{key}: {msg}" + (f" (got {err['input']!r})" if key != "config" and
+                                        err["type"] != "value_error" else ""))
+    return "; ".join(parts)
+
+
 def pick_device(name: str = "auto"):
+    """The torch device for a name: "auto" is the GPU when there is one, else the CPU; "cpu",
+    "cuda", "cuda:1" as given (a one-line UsageError when it is not here)."""
     import torch
 
     if name == "auto":

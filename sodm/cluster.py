@@ -1,18 +1,21 @@
-"""`python -m sodm.cluster check-workdir [DIR]`: what `ray job submit --working-dir DIR` would
-upload, checked before it is uploaded. Ray zips the directory (minus .gitignore and .rayignore
-patterns) into its object store, whose cap fails a job late and obscurely; this says it first,
-with the largest files to exclude."""
+"""Where runs live and which Ray they join: storage paths and URIs, joining a cluster (or starting
+a local instance), and `python -m sodm.cluster check-workdir [DIR]`: what `ray job submit
+--working-dir DIR` would upload, checked before it is uploaded. Ray zips the directory (minus
+.gitignore and .rayignore patterns) into its object store, whose cap fails a job late and
+obscurely; this says it first, with the largest files to exclude."""
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
 
 from sodm import cli
 
-# In practice Ray refuses working directories zipped past ~100 MiB (RAY-NOTES); its hard cap is
-# the gRPC message size. Fail at the practical limit.
+# In practice Ray refuses working directories zipped past ~100 MiB; its hard cap is the gRPC
+# message size. Fail at the practical limit.
 DEFAULT_LIMIT_MIB = 100
 
 
@@ -61,6 +64,34 @@ class StorageError(ValueError):
 
 class ClusterError(ConnectionError):
     """A Ray cluster that cannot be reached or used."""
+
+
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """Fail fast, with one clear line, when a cluster address does not answer (ray.init would
+    otherwise wait a long time before a long traceback)."""
+    if not address or address in ("auto", "local"):
+        return
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"ray://{address}")
+    host, port = parts.hostname, parts.port
+    if not host or not port:
+        raise ClusterError(f"RAY_ADDRESS {address!r} is not host:port (or ray://host:port)")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(f"the Ray cluster at {address} is unreachable ({e.strerror or e})") from None
+
+
+def init_ray(**kwargs) -> None:
+    """Join the cluster at RAY_ADDRESS when set; otherwise start a local instance. (Ray is
+    imported here, not at the top: the commands that never start Ray stay quick to start.)"""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS") or None
+        check_address(address)
+        ray.init(address=address, **kwargs)
 
 
 def package_size(directory: Path) -> tuple[int, list[tuple[int, str]]]:

@@ -12,35 +12,67 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sodm.certify import CertifySettings
+from sodm.cli import format_validation_error
 from sodm.data import DATASETS, dataset_info
 from sodm.models import ARCH_HELP, is_known_arch
 
 METHODS = ("sodm", "gaussian", "macer", "smoothadv")
 
-# The paper's settings (section 5). Where it is silent, the value is ours and marked "ours".
+# The paper's settings (section 5). Where it is silent, the value is ours and marked "ours". The
+# certified subset is the data set's usual one (CertifySettings' defaults) unless given here.
 PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
     "cifar10": dict(arch="cifar_resnet110", epochs=55, optimizer="sgd", lr=0.01,
                     lr_milestones=[35, 50], n=16, n_prime=128, m=5, beta=6.0, beta_milestone=35,
-                    batch_size=256,  # ours (Cohen et al.'s)
-                    cert_skip=20, cert_max=500),
+                    batch_size=256),  # batch size: ours (Cohen et al.'s)
     "imagenet": dict(arch="resnet50", epochs=30, optimizer="adam", lr=0.01, lr_milestones=[20, 25],
-                     n=2, n_prime=128, m=5, beta=2.5, beta_milestone=25, batch_size=256,
-                     cert_skip=100, cert_max=500),
+                     n=2, n_prime=128, m=5, beta=2.5, beta_milestone=25, batch_size=256),
     # The paper gives n=4, Adam lr 0.01, 40 epochs and milestones 30/45; beta is ours (ImageNet's).
     "mini_imagenet50": dict(arch="resnet50", epochs=40, optimizer="adam", lr=0.01,
                             lr_milestones=[30, 45], n=4, n_prime=128, m=5, beta=2.5,
-                            beta_milestone=30, batch_size=256, cert_skip=10, cert_max=500),
+                            beta_milestone=30, batch_size=256),
     # Ours: the built-in demo set, small enough to train and certify in a minute on a CPU.
     "digits": dict(arch="small_cnn", epochs=15, optimizer="adam", lr=0.003, lr_milestones=[10],
                    n=8, n_prime=32, m=5, beta=6.0, beta_milestone=10, batch_size=64,
-                   cert_skip=1, cert_max=100, cert_n=2000, weight_decay=0.0),
+                   certify={"max": 100, "n": 2000}, weight_decay=0.0),
 }
 
+# The flat keys that configs, space files and checkpoints written before CertifySettings used.
+FLAT_CERT_KEYS = {"cert_n0": "n0", "cert_n": "n", "cert_alpha": "alpha", "cert_batch": "batch",
+                  "cert_skip": "skip", "cert_max": "max"}
 
-class TrainConfig(BaseModel):
-    """One training run. Plain values only: it is logged whole (to the checkpoint, to MLflow)."""
+
+def nest_cert_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """values with flat cert_* keys moved into values["certify"] (a copy; the flat key wins)."""
+    if not any(flat in values for flat in FLAT_CERT_KEYS):
+        return values
+    values = dict(values)
+    certify = values.get("certify") or {}
+    certify = certify.model_dump() if isinstance(certify, BaseModel) else dict(certify)
+    for flat, key in FLAT_CERT_KEYS.items():
+        if flat in values:
+            certify[key] = values.pop(flat)
+    values["certify"] = certify
+    return values
+
+
+class Resources(BaseModel):
+    """What a run asks of Ray: its Train workers and its mapping refresher. The one home of these
+    fields: TrainConfig has them, and a space file's `resources` section (plus the trial's own
+    driver share)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    num_workers: int = Field(0, ge=0, description="Ray Train workers (0: in-process, no Ray)")
+    use_gpu: bool = False
+    worker_cpus: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
+    refresher_cpus: float = Field(1.0, gt=0)
+    refresher_gpus: float = Field(0.25, ge=0, le=1, description="GPU share of the refresher when use_gpu")
+
+
+class TrainConfig(Resources):
+    """One training run. Plain values only: it is logged whole (to the checkpoint, to MLflow).
+    Its Ray resources are the fields it inherits from `Resources`."""
 
     # what and where
     dataset: Literal["cifar10", "imagenet", "mini_imagenet50", "digits"] = "digits"
@@ -84,26 +116,27 @@ class TrainConfig(BaseModel):
     macer_beta: float = Field(16.0, gt=0)
     smoothadv_eps: float = Field(0.25, ge=0)
     smoothadv_steps: int = Field(10, ge=0)
-    # evaluation during training and certification at the end
+    # evaluation during training and certification at the end (the flat cert_* keys of earlier
+    # configs are read into `certify`)
     eval_count: int = Field(500, ge=1, description="test images for clean/noisy accuracy per epoch")
     acr_quick_count: int = Field(50, ge=1)
     acr_quick_n: int = Field(256, ge=10)
-    cert_n0: int = Field(100, ge=1)
-    cert_n: int = Field(100_000, ge=1)
-    cert_alpha: float = Field(0.001, gt=0, lt=1)
-    cert_batch: int = Field(1000, ge=1)
-    cert_skip: int = Field(20, ge=1)
-    cert_max: Optional[int] = Field(500, ge=0)
+    certify: CertifySettings = CertifySettings()
     progress: bool = True
-    # distributed training (Ray Train); num_workers 0 trains in this process without Ray
-    num_workers: int = Field(0, ge=0, description="Ray Train workers (0: in-process, no Ray)")
-    use_gpu: bool = False
-    worker_cpus: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
+    # distributed training (Ray Train; the resources are above); num_workers 0: in-process
     storage: Optional[str] = Field(None, description="Ray Train checkpoints: a path or URI (s3://, gs://); default out_dir")
     max_failures: int = Field(2, ge=0, description="worker-group restarts before the run fails")
     refresher_sync: bool = False  # wait for each mapping refresh (deterministic, slower)
-    refresher_cpus: float = Field(1.0, gt=0)
-    refresher_gpus: float = Field(0.25, ge=0, le=1, description="GPU share of the refresher when use_gpu")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_certify(cls, values):
+        if isinstance(values, dict):
+            values = nest_cert_keys(values)
+            certify = values.get("certify")
+            if certify is None or isinstance(certify, dict):  # the run's seed unless set
+                values["certify"] = {"seed": values.get("seed", 0), **(certify or {})}
+        return values
 
     @field_validator("arch")
     @classmethod
@@ -125,8 +158,6 @@ class TrainConfig(BaseModel):
             raise ValueError(f"data set {self.dataset} needs data_dir")
         if self.data_dir and not Path(self.data_dir).expanduser().is_dir() and not self.download:
             raise ValueError(f"data_dir {self.data_dir} is not a directory")
-        if self.cert_n0 > self.cert_n:
-            raise ValueError(f"cert_n0 ({self.cert_n0}) must not exceed cert_n ({self.cert_n})")
         return self
 
     def beta_at(self, epoch: int) -> float:
@@ -149,18 +180,11 @@ def make_config(**values: Any) -> TrainConfig:
     dataset = values.get("dataset", "digits")
     if dataset not in DATASETS:
         raise ConfigError(f"dataset: unknown data set {dataset!r}; known: {', '.join(DATASETS)}")
-    merged = {**PAPER_DEFAULTS[dataset], **values}
+    defaults, values = PAPER_DEFAULTS[dataset], nest_cert_keys(values)
+    merged = {**defaults, **values}
+    if "certify" in values and isinstance(values["certify"], dict):
+        merged["certify"] = {**defaults.get("certify", {}), **values["certify"]}
     try:
         return TrainConfig(**merged)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
-
-
-def format_validation_error(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{key}: {msg}" + (f" (got {err['input']!r})" if key != "config" and
-                                        err["type"] != "value_error" else ""))
-    return "; ".join(parts)

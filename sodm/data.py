@@ -72,15 +72,23 @@ def load_dataset(name: str, split: str, data_dir: str | Path | None = None, augm
     return _imagenet(root, split, augment, classes=50 if name == "mini_imagenet50" else None)
 
 
+DIGITS_TRAIN = 1437  # of scikit-learn's 1,797 digits; the other 360 are the test split
+
+
+def digits_split_indices(split: str) -> torch.Tensor:
+    """Which of scikit-learn's digits (in its order) form `split`: the first 1,437 of a fixed
+    permutation are the training split, the rest the test split."""
+    order = torch.from_numpy(np.random.RandomState(0).permutation(1797))
+    return order[:DIGITS_TRAIN] if split == "train" else order[DIGITS_TRAIN:]
+
+
 def digits(split: str) -> TensorDataset:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     images = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
     labels = torch.tensor(d.target, dtype=torch.long)
-    order = torch.from_numpy(np.random.RandomState(0).permutation(len(labels)))
-    n_train = 1437
-    chosen = order[:n_train] if split == "train" else order[n_train:]
+    chosen = digits_split_indices(split)
     return TensorDataset(images[chosen], labels[chosen])
 
 

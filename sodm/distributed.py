@@ -2,14 +2,13 @@
 mapping refresher as a Ray actor beside them.
 
 The driver (`run`) creates the refresher actor with its own resources, then a `TorchTrainer` whose
-workers run `sodm.train.train` with a `RaySession` (checkpoints and metrics through
+workers run `sodm.loop.train` with a `RaySession` (checkpoints and metrics through
 `ray.train.report`, collectives through torch.distributed) and, on rank 0, a `RemoteRefresher`.
 The actor outlives worker-group restarts; its state is part of every checkpoint.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -21,13 +20,17 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.train.torch import TorchTrainer
 
-from sodm.checkpoint import load_checkpoint, model_from_checkpoint, model_spec
-from sodm.cluster import ClusterError
+from sodm import cli
+from sodm.certify import certify_run
+from sodm.checkpoint import load_checkpoint
+from sodm.cluster import check_writable, init_ray, storage_exists, storage_join
 from sodm.config import ConfigError, TrainConfig
-from sodm.data import TrainData, dataset_info
-from sodm.mapping import build_mapping, is_trainable
-from sodm.refresher import MappingRefresher
+from sodm.data import TrainData
+from sodm.loop import model_description, train
+from sodm.refresher import MappingRefresher, needs_refresher
+from sodm.tracking import log_metrics
 
 RUN_NAME = "ray_train"  # the Ray Train run inside out_dir: out_dir/ray_train/checkpoint_*/
 
@@ -100,12 +103,12 @@ class RefresherActor:
     """The mapping refresher of one run: its mapping network, optimizer and training-data sampler.
     Updates run one at a time; `latest` answers while an update runs."""
 
-    def __init__(self, config: dict, spec: dict):
+    def __init__(self, config: dict):
         cfg = TrainConfig(**config)
-        device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        device = cli.pick_device("auto" if cfg.use_gpu else "cpu")
         data = TrainData(cfg.dataset, cfg.data_dir, cfg.refresh_batch_size, device, cfg.seed,
                          augment=False, subset=cfg.train_subset, download=False)
-        self.core = MappingRefresher(cfg, spec, data, device)
+        self.core = MappingRefresher(cfg, model_description(cfg), data, device)
 
     @ray.method(concurrency_group="update")
     def update(self, classifier_state: dict, beta: float) -> int:
@@ -123,34 +126,6 @@ class RefresherActor:
     def load_state_dict(self, state: dict) -> int:
         self.core.load_state_dict(state)
         return self.core.version
-
-
-@ray.remote
-class CertifyWorker:
-    """A certification worker: one copy of the model and the data set, certifying chunks of image
-    indices with `sodm.certify.certify_one` (so its rows are the single-process rows)."""
-
-    def __init__(self, job: dict):
-        import io
-
-        from sodm.certify import DTYPES
-        from sodm.data import load_dataset
-        from sodm.smoothing import Smooth
-
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        ckpt = torch.load(io.BytesIO(job["checkpoint_bytes"]), map_location=self.device,
-                          weights_only=True)
-        model = model_from_checkpoint(ckpt, self.device)
-        if self.device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        self.smoothed = Smooth(model, ckpt["model"]["num_classes"], job["sigma"], DTYPES[job["dtype"]])
-        self.dataset = load_dataset(job["dataset"], job["split"], job["data_dir"])
-
-    def certify(self, indices: list[int], params: dict) -> list[str]:
-        from sodm.certify import certify_one
-
-        return [certify_one(self.smoothed, self.dataset, i, device=self.device, **params)
-                for i in indices]
 
 
 class RemoteRefresher:
@@ -228,58 +203,19 @@ class RemoteRefresher:
 
 def _worker(config: dict) -> None:
     """What each Ray Train worker runs: the one training loop, under a RaySession."""
-    from sodm.train import train
-
     cfg = TrainConfig(**config["cfg"])
     session = RaySession()
     refresher = None
     if session.is_main and config["refresher"] is not None:
         refresher = RemoteRefresher(config["refresher"], cfg.refresher_sync)
     on_epoch = None
-    tracking = config.get("tracking")
-    if session.is_main and tracking:
-        from sodm import tracking as mlflow_tracking
-
+    target = config.get("tracking")
+    if session.is_main and target:
         def on_epoch(record):
-            mlflow_tracking.log_metrics(tracking["uri"], tracking["run_id"], record, step=record["epoch"])
+            log_metrics(target["uri"], target["run_id"], record, step=record["epoch"])
 
     train(cfg, resume=True, session=session, refresher=refresher, certify=False,
           log=lambda s: print(s, flush=True), on_epoch=on_epoch)
-
-
-def latest_checkpoint(out_dir: str | Path, run_name: str = RUN_NAME) -> Path | None:
-    """The newest checkpoint of a run in out_dir (the final copy, else Ray Train's latest)."""
-    out_dir = Path(out_dir)
-    if (out_dir / "checkpoint.pt").exists():
-        return out_dir / "checkpoint.pt"
-    found = sorted((out_dir / run_name).glob("checkpoint_*/checkpoint.pt"))
-    return found[-1] if found else None
-
-
-def check_address(address: str | None, timeout: float = 5.0) -> None:
-    """Fail fast, with one clear line, when a cluster address does not answer (ray.init would
-    otherwise wait a long time before a long traceback)."""
-    if not address or address in ("auto", "local"):
-        return
-    import socket
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(address if "://" in address else f"ray://{address}")
-    host, port = parts.hostname, parts.port
-    if not host or not port:
-        raise ClusterError(f"RAY_ADDRESS {address!r} is not host:port (or ray://host:port)")
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        raise ClusterError(f"the Ray cluster at {address} is unreachable ({e.strerror or e})") from None
-
-
-def init_ray(**kwargs) -> None:
-    """Join the cluster at RAY_ADDRESS when set; otherwise start a local instance."""
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or None
-        check_address(address)
-        ray.init(address=address, **kwargs)
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print,
@@ -290,10 +226,6 @@ def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = 
 
     callbacks: Ray Train callbacks (Tune's TuneReportCallback inside a trial); tracking:
     {"uri", "run_id"} of the MLflow run that rank 0 logs every epoch to."""
-    from ray.train.torch import TorchTrainer
-
-    from sodm.cluster import check_writable, storage_exists, storage_join
-
     out_dir = Path(cfg.out_dir).expanduser().resolve()
     storage = cfg.storage or str(out_dir)  # Ray Train's checkpoints: a local path or a URI
     if storage_exists(storage_join(storage, run_name)) and not resume:
@@ -305,13 +237,11 @@ def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = 
     init_ray()
     if cfg.use_gpu and not ray.cluster_resources().get("GPU"):
         raise ConfigError("use_gpu: the Ray cluster has no GPU")
-    info = dataset_info(cfg.dataset)
-    spec = model_spec(cfg.arch, info.num_classes, info.mean, info.std, info.input_shape[0])
     refresher = None
-    if cfg.method == "sodm" and is_trainable(build_mapping(cfg.mapping, info.num_classes)):
+    if needs_refresher(cfg):
         refresher = RefresherActor.options(
             num_cpus=cfg.refresher_cpus, num_gpus=cfg.refresher_gpus if cfg.use_gpu else 0,
-        ).remote(cfg.model_dump(), spec)
+        ).remote(cfg.model_dump())
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg.model_dump(), "refresher": refresher, "tracking": tracking},
@@ -334,10 +264,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = 
     ckpt = load_checkpoint(final)
     certification = None
     if certify:
-        from sodm.train import certify_run
-
-        device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
-        certification = certify_run(cfg, model_from_checkpoint(ckpt, device), out_dir, final,
-                                    device, log)
+        certification = certify_run(final, cfg.certify, out_dir, f"{cfg.method} sigma={cfg.sigma}",
+                                    log, device="auto" if cfg.use_gpu else "cpu",
+                                    progress=cfg.progress)
     return {"history": ckpt["history"], "certification": certification, "out_dir": str(out_dir),
             "refresher": refresher}

@@ -1,7 +1,7 @@
 """Training objectives. Each takes logits of shape (batch, n, num_classes) from n noise copies of
 each input and returns a `LossOutput`: the mean loss and per-batch statistics for the logs.
 
-  sodm_loss      Algorithm 1, step 5, as made exact in DESIGN.md
+  sodm_loss      Algorithm 1, step 5, made exact (branches on the smoothed prediction g)
   gaussian_loss  cross-entropy on every noisy copy (Cohen et al. 2019)
   macer_loss     MACER (Zhai et al. 2020): cross-entropy of the averaged soft prediction plus a
                  hinge on the soft certified-radius surrogate
@@ -92,17 +92,18 @@ def gaussian_loss(logits: torch.Tensor, targets: torch.Tensor, rho: float = 0.99
 
 
 def macer_loss(logits: torch.Tensor, targets: torch.Tensor, sigma: float, gamma: float = 8.0,
-               lbd: float = 12.0, beta: float = 16.0, rho: float = 0.99) -> LossOutput:
-    """MACER (Zhai et al. 2020) with its CIFAR-10 defaults (gamma 8, lambda 12, beta 16):
+               lbd: float = 12.0, inverse_temperature: float = 16.0, rho: float = 0.99) -> LossOutput:
+    """MACER (Zhai et al. 2020) with its CIFAR-10 defaults (gamma 8, lambda 12, inverse
+    temperature 16, MACER's "beta", unrelated to SODM's beta; config key macer_beta):
     sum_i [ -log g_y(x_i) + lbd * sigma/2 * max(0, gamma - (Phi^{-1}(top1) - Phi^{-1}(top2))) ] / batch,
-    the hinge taken over correctly classified inputs of the inverse-temperature-beta soft
+    the hinge taken over correctly classified inputs of the inverse_temperature soft
     classifier whose |Phi^{-1}(top2) - Phi^{-1}(top1)| <= gamma (finite, inside the margin)."""
     logits = logits.float()
     b = targets.numel()
     g = F.softmax(logits, dim=-1).mean(dim=1)
     classification = F.nll_loss(torch.log(g + 1e-10), targets, reduction="sum")
-    g_beta = F.softmax(beta * logits, dim=-1).mean(dim=1)
-    top2, top2_idx = g_beta.topk(2, dim=1)
+    g_cold = F.softmax(inverse_temperature * logits, dim=-1).mean(dim=1)
+    top2, top2_idx = g_cold.topk(2, dim=1)
     correct = top2_idx[:, 0] == targets
     with torch.no_grad():
         gap = torch.special.ndtri(top2[:, 1]) - torch.special.ndtri(top2[:, 0])

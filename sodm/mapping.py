@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 KINDS = ("softmax", "temperature", "affine", "mlp", "hard")
+TRAINABLE_KINDS = ("temperature", "affine", "mlp")  # the kinds with parameters to refresh
 
 
 class Mapping(nn.Module):

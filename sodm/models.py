@@ -118,3 +118,16 @@ def build_model(arch: str, num_classes: int, mean: Sequence[float], std: Sequenc
     else:
         raise ValueError(f"unknown architecture {arch!r}; known: {ARCH_HELP}")
     return nn.Sequential(Normalize(mean, std), net)
+
+
+def describe_model(arch: str, num_classes: int, mean: Sequence[float], std: Sequence[float],
+                   in_channels: int) -> dict:
+    """A model as plain values (a checkpoint's `model` entry): what it takes to rebuild it."""
+    return {"arch": arch, "num_classes": int(num_classes), "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std], "in_channels": int(in_channels)}
+
+
+def build_described(desc: dict) -> nn.Sequential:
+    """The (untrained) model a description names."""
+    return build_model(desc["arch"], desc["num_classes"], desc["mean"], desc["std"],
+                       desc["in_channels"])

@@ -4,7 +4,7 @@ Algorithm 1, lines 7-12: every m classifier steps, take the classifier's current
 sample a mini-batch from its own sampler of the training data, draw n' noise copies of each input,
 and take one optimizer step on the mapping network's parameters against the same SODM objective.
 A version number counts the updates. This is the plain core: the training loop calls it in-process;
-the Ray actor (sodm.train's distributed path) wraps the same object.
+the Ray actor (`sodm.distributed.RefresherActor`) wraps the same object.
 """
 
 from __future__ import annotations
@@ -16,21 +16,28 @@ import torch
 
 from sodm.config import TrainConfig
 from sodm.losses import sodm_loss
-from sodm.mapping import build_mapping
-from sodm.models import build_model
+from sodm.mapping import TRAINABLE_KINDS, build_mapping
+from sodm.models import build_described
 
 REFRESHER_SEED_OFFSET = 7_919  # its sampler and noise differ from the training loop's streams
 
 
+def needs_refresher(cfg: TrainConfig) -> bool:
+    """Whether a run refreshes its mapping: SODM with a mapping that has parameters (a static
+    softmax, and every baseline, has none)."""
+    return cfg.method == "sodm" and cfg.mapping in TRAINABLE_KINDS
+
+
 class MappingRefresher:
-    def __init__(self, cfg: TrainConfig, spec: dict, data, device: torch.device | str = "cpu"):
-        """data: anything with `sample(k, generator) -> (x, y)` (sodm.data.TrainData)."""
+    def __init__(self, cfg: TrainConfig, model_desc: dict, data,
+                 device: torch.device | str = "cpu"):
+        """model_desc: the classifier (`sodm.models.describe_model`); data: anything with
+        `sample(k, generator) -> (x, y)` (sodm.data.TrainData)."""
         self.cfg = cfg
         self.device = torch.device(device)
-        self.classifier = build_model(spec["arch"], spec["num_classes"], spec["mean"], spec["std"],
-                                      spec["in_channels"]).to(self.device).eval()
+        self.classifier = build_described(model_desc).to(self.device).eval()
         self.classifier.requires_grad_(False)
-        self.mapping = build_mapping(cfg.mapping, spec["num_classes"], seed=cfg.seed).to(self.device)
+        self.mapping = build_mapping(cfg.mapping, model_desc["num_classes"], seed=cfg.seed).to(self.device)
         self.optimizer = torch.optim.Adam(self.mapping.parameters(), lr=cfg.mapping_lr)
         self.data = data
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + REFRESHER_SEED_OFFSET)

@@ -11,9 +11,13 @@ looked up in tune_spaces/; a path is taken as given.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import shutil
+import signal
 import sys
+import threading
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -21,8 +25,17 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sodm import cli
-from sodm.config import ConfigError, TrainConfig, format_validation_error, make_config
+from sodm import cli, tracking
+from sodm.certify import CertifySettings, certify_run
+from sodm.checkpoint import load_checkpoint, run_config
+from sodm.cluster import (ClusterError, StorageError, check_writable, init_ray, is_uri,
+                          storage_exists, storage_join)
+from sodm.config import FLAT_CERT_KEYS, ConfigError, Resources, TrainConfig, make_config
+from sodm.data import load_dataset
+from sodm.refresher import needs_refresher
+
+# Ray (and sodm.distributed, which imports it) is imported where a search starts, not here:
+# `--check` and a bad space file answer in a second instead of after Ray's import.
 
 TUNE_SPACES = Path(__file__).resolve().parent.parent / "tune_spaces"
 DEFAULT_STORAGE = "ray_results"
@@ -70,7 +83,7 @@ class Distribution(Strict):
         return None
 
     def to_tune(self):
-        from ray import tune
+        from ray import tune  # see the note on Ray at the top
 
         if self.type == "uniform":
             return tune.uniform(self.lower, self.upper)
@@ -94,25 +107,26 @@ class Search(Strict):
     max_concurrent_trials: int = Field(1, ge=1)
 
 
-class Resources(Strict):
+class TrialResources(Resources):
+    """A trial's resources: a run's (every trial is a Ray Train run, so at least one worker),
+    plus its driver's share."""
+
     num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    worker_cpus: float = Field(1.0, gt=0)
     trial_cpus: float = Field(0.25, gt=0, description="the trial's driver process")
-    refresher_cpus: float = Field(1.0, gt=0)
-    refresher_gpus: float = Field(0.25, ge=0, le=1)
+
+    def run_resources(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"trial_cpus"})
 
 
-class Final(Strict):
+class Final(CertifySettings):
+    """The certification of the best trials at the end of the search, and where it runs."""
+
     top_k: Union[int, Literal["all"]] = 1
-    n0: int = Field(100, ge=1)
-    n: int = Field(100_000, ge=1)
-    alpha: float = Field(0.001, gt=0, lt=1)
-    batch: int = Field(1000, ge=1)
-    skip: Optional[int] = Field(None, ge=1, description="default: the data set's usual subset")
-    max: Optional[int] = Field(None, ge=1)
     num_workers: int = Field(0, ge=0, description="spread certification over K Ray workers (0: the driver)")
     use_gpu: bool = False
+
+    def settings(self) -> CertifySettings:
+        return CertifySettings(**self.model_dump(include=set(CertifySettings.model_fields)))
 
 
 class MLflowTarget(Strict):
@@ -125,14 +139,23 @@ class SpaceFile(Strict):
     base: dict[str, Any] = {}
     space: dict[str, Distribution]
     search: Search = Search()
-    resources: Resources = Resources()
+    resources: TrialResources = TrialResources()
     final: Final = Final()
     mlflow: MLflowTarget = MLflowTarget()
 
     def trial_config(self, sampled: dict[str, Any], out_dir: str) -> TrainConfig:
-        """The whole resolved config of one trial (what its MLflow run records)."""
-        return make_config(**self.base, **sampled, **self.resources.model_dump(exclude={"trial_cpus"}),
-                           out_dir=out_dir, progress=False, cert_max=0)
+        """The whole resolved config of one trial (what its MLflow run records). A trial does not
+        certify (max 0): the best trials are certified at the end, with the `final` settings."""
+        base = {k: v for k, v in self.base.items() if k != "certify"}
+        return make_config(**base, **sampled, **self.resources.run_resources(), out_dir=out_dir,
+                           progress=False, certify={**self.base.get("certify", {}), "max": 0})
+
+    def needs_refresher(self) -> bool:
+        """Whether any trial can need a refresher (its share is reserved in every trial's
+        placement group): the searched methods and mappings, with everything else at base."""
+        keys = [k for k in ("method", "mapping") if k in self.space]
+        return any(needs_refresher(self.trial_config(dict(zip(keys, values)), "/tmp/sodm-check"))
+                   for values in itertools.product(*(self.space[k].candidates() for k in keys)))
 
 
 def find_space(name: str) -> Path:
@@ -167,12 +190,12 @@ def load_space(name: str, overrides: list[str] | None = None) -> tuple[Path, Spa
             raise SpaceError(f"--set {item!r}: expected key=value")
         raw.setdefault("base", {})[key.strip()] = yaml.safe_load(value)
     try:
-        spec = SpaceFile(**raw)
+        space_file = SpaceFile(**raw)
     except ValidationError as e:
-        raise SpaceError(f"{path}: {format_validation_error(e)}") from None
-    fields = TrainConfig.model_fields
-    managed = set(Resources.model_fields) | {"out_dir", "progress", "cert_max"}
-    for section, keys in (("base", spec.base), ("space", spec.space)):
+        raise SpaceError(f"{path}: {cli.format_validation_error(e)}") from None
+    fields = [*TrainConfig.model_fields, *FLAT_CERT_KEYS]  # the flat cert_* keys of earlier files
+    managed = set(TrialResources.model_fields) | {"out_dir", "progress", "cert_max"}
+    for section, keys in (("base", space_file.base), ("space", space_file.space)):
         for key in keys:
             if key not in fields:
                 raise SpaceError(f"{path}: {section}.{key}: unknown config key (allowed: "
@@ -180,36 +203,36 @@ def load_space(name: str, overrides: list[str] | None = None) -> tuple[Path, Spa
             if key in managed:
                 raise SpaceError(f"{path}: {section}.{key}: set by the search itself "
                                  "(resources go under resources:)")
-    for key in spec.space:
-        if key in spec.base:
+    for key in space_file.space:
+        if key in space_file.base:
             raise SpaceError(f"{path}: space.{key}: also fixed in base; keep one")
-    if spec.base.get("data_dir"):  # trials run elsewhere: anchor it at the driver's directory
-        spec.base["data_dir"] = str(Path(spec.base["data_dir"]).expanduser().resolve())
+    if space_file.base.get("data_dir"):  # trials run elsewhere: anchor it at the driver's directory
+        space_file.base["data_dir"] = str(Path(space_file.base["data_dir"]).expanduser().resolve())
     try:
-        spec.trial_config({}, "/tmp/sodm-validate")
+        space_file.trial_config({}, "/tmp/sodm-validate")
     except ConfigError as e:
         raise SpaceError(f"{path}: base: {e}") from None
-    for key, dist in spec.space.items():
+    for key, dist in space_file.space.items():
         if problem := dist.check():
             raise SpaceError(f"{path}: space.{key}: {problem}")
         for value in dist.candidates():
             try:
-                spec.trial_config({key: value}, "/tmp/sodm-validate")
+                space_file.trial_config({key: value}, "/tmp/sodm-validate")
             except ConfigError as e:
                 raise SpaceError(f"{path}: space.{key}: value {value!r} is not allowed ({e})") from None
-    if spec.search.algorithm == "grid" and any(d.type != "grid" for d in spec.space.values()):
+    if space_file.search.algorithm == "grid" and any(d.type != "grid" for d in space_file.space.values()):
         raise SpaceError(f"{path}: search.algorithm: grid needs every space entry of type grid")
-    if spec.search.algorithm != "grid" and any(d.type == "grid" for d in spec.space.values()):
+    if space_file.search.algorithm != "grid" and any(d.type == "grid" for d in space_file.space.values()):
         raise SpaceError(f"{path}: space: type grid needs search.algorithm grid")
-    if spec.search.algorithm == "tpe":
+    if space_file.search.algorithm == "tpe":
         try:
             import optuna  # noqa: F401
         except ImportError:
             raise SpaceError(f"{path}: search.algorithm: tpe needs optuna (pip install optuna)") from None
-    return path, spec
+    return path, space_file
 
 
-def _trial(sampled: dict, *, spec_json: str, search_uri: str, local_dir: str, uri: str,
+def _trial(sampled: dict, *, space_json: str, search_uri: str, local_dir: str, uri: str,
            experiment_id: str, parent_run_id: str) -> None:
     """One Tune trial: a Ray Train run of the sampled config, logging to its own MLflow run.
     Its checkpoints go under search_uri/trials/<id> (any storage Ray accepts); its small files
@@ -217,12 +240,11 @@ def _trial(sampled: dict, *, spec_json: str, search_uri: str, local_dir: str, ur
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from sodm import distributed, tracking
-    from sodm.cluster import storage_join
+    from sodm import distributed
 
-    spec = SpaceFile(**json.loads(spec_json))
+    space_file = SpaceFile(**json.loads(space_json))
     trial_id = tune.get_context().get_trial_id()
-    cfg = spec.trial_config(sampled, str(Path(local_dir) / "trials" / trial_id))
+    cfg = space_file.trial_config(sampled, str(Path(local_dir) / "trials" / trial_id))
     cfg = cfg.model_copy(update={"storage": storage_join(search_uri, "trials", trial_id)})
     tags = {"sodm.trial_id": trial_id, "mlflow.parentRunId": parent_run_id}
     run_id = tracking.find_or_start_run(uri, experiment_id, tags, lambda: tracking.start_run(
@@ -232,39 +254,36 @@ def _trial(sampled: dict, *, spec_json: str, search_uri: str, local_dir: str, ur
                     callbacks=[TuneReportCallback()], tracking={"uri": uri, "run_id": run_id})
 
 
-def build_tuner(spec: SpaceFile, storage: str, name: str, local_dir: Path, uri: str,
+def build_tuner(space_file: SpaceFile, storage: str, name: str, local_dir: Path, uri: str,
                 experiment_id: str, parent_run_id: str, resume: bool):
     from ray import tune
 
-    from sodm.cluster import storage_join
-
     search_uri = storage_join(storage, name)
-    trainable = partial(_trial, spec_json=spec.model_dump_json(), search_uri=search_uri,
+    trainable = partial(_trial, space_json=space_file.model_dump_json(), search_uri=search_uri,
                         local_dir=str(local_dir), uri=uri, experiment_id=experiment_id,
                         parent_run_id=parent_run_id)
-    res = spec.resources
+    res = space_file.resources
     bundles = [{"CPU": res.trial_cpus}]
-    dynamic = spec.base.get("method", "sodm") == "sodm" or "method" in spec.space
-    if dynamic:  # the refresher actor, created inside the trial, lives in the trial's group
+    if space_file.needs_refresher():  # the refresher actor, made in the trial, lives in its group
         bundles.append({"CPU": res.refresher_cpus, **({"GPU": res.refresher_gpus}
                                                          if res.use_gpu and res.refresher_gpus else {})})
     trainable = tune.with_resources(trainable, tune.PlacementGroupFactory(bundles))
     if resume:
         return tune.Tuner.restore(search_uri, trainable=trainable, resume_errored=True)
-    s = spec.search
+    s = space_file.search
     scheduler = None
     if s.scheduler == "asha":
         scheduler = tune.schedulers.ASHAScheduler(
             time_attr="epoch", grace_period=s.grace_period, reduction_factor=s.reduction_factor,
-            max_t=int(spec.trial_config({}, str(local_dir)).epochs))
+            max_t=int(space_file.trial_config({}, str(local_dir)).epochs))
     search_alg = None
     if s.algorithm == "tpe":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(seed=int(spec.base.get("seed", 0)))
+        search_alg = OptunaSearch(seed=int(space_file.base.get("seed", 0)))
     return tune.Tuner(
         trainable,
-        param_space={k: d.to_tune() for k, d in spec.space.items()},
+        param_space={k: d.to_tune() for k, d in space_file.space.items()},
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples,
                                     scheduler=scheduler, search_alg=search_alg,
                                     max_concurrent_trials=s.max_concurrent_trials),
@@ -272,21 +291,12 @@ def build_tuner(spec: SpaceFile, storage: str, name: str, local_dir: Path, uri: 
     )
 
 
-def certify_trials(spec: SpaceFile, trials: list[dict], uri: str, experiment_id: str,
-                   parent_run_id: str, log) -> None:
+def certify_trials(space_file: SpaceFile, trials: list[dict], uri: str, log) -> None:
     """Certify each trial's last checkpoint (fetched from storage) with the space's final
     settings, in the trial's local folder; log the results to the trial's MLflow run."""
-    import shutil
-
     import ray.train
-    import torch
 
-    from sodm import tracking
-    from sodm.checkpoint import load_checkpoint, model_from_checkpoint
-    from sodm.data import dataset_info
-    from sodm.train import certify_run
-
-    f = spec.final
+    final = space_file.final
     for t in trials:
         out_dir = Path(t["out_dir"])
         if not t.get("checkpoint_path"):
@@ -296,14 +306,13 @@ def certify_trials(spec: SpaceFile, trials: list[dict], uri: str, experiment_id:
         ckpt_path = out_dir / "checkpoint.pt"
         with ray.train.Checkpoint(t["checkpoint_path"]).as_directory() as d:
             shutil.copyfile(Path(d) / "checkpoint.pt", ckpt_path)
-        ckpt = load_checkpoint(ckpt_path)
-        cfg = TrainConfig(**{**ckpt["config"], "out_dir": str(out_dir), "progress": False})
-        cfg = cfg.model_copy(update=dict(
-            cert_n0=f.n0, cert_n=f.n, cert_alpha=f.alpha, cert_batch=f.batch,
-            cert_skip=f.skip or dataset_info(cfg.dataset).cohen_skip, cert_max=f.max or 500))
-        device = torch.device("cuda" if torch.cuda.is_available() and cfg.use_gpu else "cpu")
-        summary = certify_run(cfg, model_from_checkpoint(ckpt, device), out_dir, ckpt_path, device,
-                              log, num_workers=f.num_workers, use_gpu=f.use_gpu)
+        trained = TrainConfig(**run_config(load_checkpoint(ckpt_path)))
+        settings = final.settings()
+        if "seed" not in final.model_fields_set:  # certify with the trial's seed unless set
+            settings = settings.model_copy(update={"seed": trained.seed})
+        summary = certify_run(ckpt_path, settings, out_dir, f"trial {t['trial_id']}", log,
+                              device="auto" if trained.use_gpu else "cpu", progress=False,
+                              num_workers=final.num_workers, use_gpu=final.use_gpu)
         t.update(acr=summary["acr"], certification=summary)
         run_id = t["run_id"]
         tracking.log_metrics(uri, run_id, {k: v for k, v in summary.items() if k != "count"})
@@ -349,15 +358,13 @@ def main(argv=None) -> int:
                    help="override a base key, e.g. --set data_dir=/mnt/shared/cifar10 (repeatable)")
     args = p.parse_args(argv)
     try:
-        path, spec = load_space(args.space, args.set)
+        path, space_file = load_space(args.space, args.set)
     except SpaceError as e:
         raise cli.UsageError(str(e)) from None
     if args.check:
-        print(f"{path}: ok ({len(spec.space)} keys searched, {spec.search.num_samples} samples)")
+        print(f"{path}: ok ({len(space_file.space)} keys searched, {space_file.search.num_samples} samples)")
         return 0
-    from sodm.cluster import StorageError, check_writable, is_uri, storage_exists, storage_join
-
-    name = args.name or spec.name
+    name = args.name or space_file.name
     storage = args.storage if is_uri(args.storage) else str(Path(args.storage).expanduser().resolve())
     search_uri = storage_join(storage, name)
     local_dir = (Path(args.workdir).expanduser().resolve() / name if args.workdir
@@ -371,10 +378,8 @@ def main(argv=None) -> int:
         raise cli.UsageError(f"{search_uri} already holds a search; --resume it or pass --name")
     if args.resume and not exists:
         print(f"sodm.tune: no search at {search_uri} yet; starting it", file=sys.stderr)
-    from sodm.cluster import ClusterError
-
     try:
-        return run_search(spec, path, storage, name, local_dir, args.mlflow_uri,
+        return run_search(space_file, path, storage, name, local_dir, args.mlflow_uri,
                           args.resume and exists)
     except ClusterError as e:
         raise cli.UsageError(str(e)) from None
@@ -384,9 +389,6 @@ def _fit_noting_interrupt(tuner):
     """tuner.fit(), and whether Ctrl-C (SIGINT) stopped it. Tune catches the signal itself, saves
     its state and returns normally, marking the interrupted trials terminated; but its handler puts
     back the previous one when the signal comes, so a sentinel handler tells."""
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return tuner.fit(), False
 
@@ -401,42 +403,37 @@ def _fit_noting_interrupt(tuner):
         signal.signal(signal.SIGINT, previous)
 
 
-def run_search(spec: SpaceFile, path: Path, storage: str, name: str, local_dir: Path,
+def run_search(space_file: SpaceFile, path: Path, storage: str, name: str, local_dir: Path,
                mlflow_uri: str | None, resume: bool, log=print) -> int:
-    from sodm import distributed, tracking
-    from sodm.cluster import storage_join
-
     search_uri = storage_join(storage, name)
-    uri = tracking.resolve_uri(mlflow_uri or spec.mlflow.tracking_uri)
-    experiment_id = tracking.ensure_experiment(uri, spec.mlflow.experiment)
+    uri = tracking.resolve_uri(mlflow_uri or space_file.mlflow.tracking_uri)
+    experiment_id = tracking.ensure_experiment(uri, space_file.mlflow.experiment)
     local_dir.mkdir(parents=True, exist_ok=True)
     new_parent = (
         lambda: tracking.start_run(uri, experiment_id, name, tags={"sodm.search": search_uri}, params={
-            "space_file": path.name, **{f"search.{k}": v for k, v in spec.search.model_dump().items()},
-            **{f"base.{k}": v for k, v in spec.base.items()},
-            **{f"space.{k}": d.model_dump(exclude_none=True) for k, d in spec.space.items()}}))
+            "space_file": path.name, **{f"search.{k}": v for k, v in space_file.search.model_dump().items()},
+            **{f"base.{k}": v for k, v in space_file.base.items()},
+            **{f"space.{k}": d.model_dump(exclude_none=True) for k, d in space_file.space.items()}}))
     parent = (tracking.find_or_start_run(uri, experiment_id, {"sodm.search": search_uri}, new_parent)
               if resume else new_parent())
     tracking.log_artifact(uri, parent, path)
-    log(f"search {search_uri} -> MLflow {uri} (experiment {spec.mlflow.experiment}, run {parent})")
+    log(f"search {search_uri} -> MLflow {uri} (experiment {space_file.mlflow.experiment}, run {parent})")
 
     import ray
     from ray import tune
 
-    base = spec.trial_config({}, str(local_dir))
+    base = space_file.trial_config({}, str(local_dir))
     if base.dataset != "digits":  # fetch or check the data once, not in every trial
-        from sodm.data import load_dataset
-
         for split in ("train", "test"):
             load_dataset(base.dataset, split, base.data_dir, download=base.download)
-    distributed.init_ray()
+    init_ray()
     if resume and not tune.Tuner.can_restore(search_uri):
         raise cli.UsageError(f"--resume: {search_uri} holds no restorable search")
-    tuner = build_tuner(spec, storage, name, local_dir, uri, experiment_id, parent, resume)
+    tuner = build_tuner(space_file, storage, name, local_dir, uri, experiment_id, parent, resume)
     grid, interrupted = _fit_noting_interrupt(tuner)
     if interrupted:
         log(f"search interrupted; its state is saved. Continue it with: python -m sodm.tune "
-            f"--space {path} --resume" + (f" --name {name}" if name != spec.name else ""))
+            f"--space {path} --resume" + (f" --name {name}" if name != space_file.name else ""))
         ray.shutdown()
         return 130
     trials = []
@@ -452,12 +449,12 @@ def run_search(spec: SpaceFile, path: Path, storage: str, name: str, local_dir: 
                        "acr_quick": m.get("acr_quick"), "checkpoint_path": m.get("checkpoint_path"),
                        "error": r.error})
     ranked = sorted([t for t in trials if t["acr_quick"] is not None],
-                    key=lambda t: t["acr_quick"], reverse=spec.search.mode == "max")
-    top = ranked if spec.final.top_k == "all" else ranked[: spec.final.top_k]
-    certify_trials(spec, top, uri, experiment_id, parent, log)
+                    key=lambda t: t["acr_quick"], reverse=space_file.search.mode == "max")
+    top = ranked if space_file.final.top_k == "all" else ranked[: space_file.final.top_k]
+    certify_trials(space_file, top, uri, log)
     for t in trials:
         tracking.set_status(uri, t["run_id"], "FAILED" if t["error"] else "FINISHED")
-    table = summary_table(trials, list(spec.space))
+    table = summary_table(trials, list(space_file.space))
     log(table)
     (local_dir / "summary.txt").write_text(table + "\n")
     tracking.log_artifact(uri, parent, local_dir / "summary.txt")
@@ -478,4 +475,8 @@ def console() -> None:
 
 
 if __name__ == "__main__":
-    console()
+    # Run the importable copy of this module, not __main__: Ray pickles the functions of __main__
+    # by value (with the pydantic classes they use), and those of an importable module by name.
+    from sodm import tune
+
+    tune.console()

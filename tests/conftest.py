@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from sodm.checkpoint import model_spec, save_checkpoint
+from sodm.checkpoint import save_checkpoint
 from sodm.data import dataset_info, load_dataset
-from sodm.models import build_model
+from sodm.models import build_model, describe_model
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +22,7 @@ def digits_checkpoint(tmp_path_factory):
         loss.backward()
         opt.step()
     path = tmp_path_factory.mktemp("ckpt") / "digits.pt"
-    spec = model_spec("small_cnn", info.num_classes, info.mean, info.std, 1)
-    save_checkpoint(path, model, spec, dataset="digits", sigma=0.25, method="gaussian",
+    desc = describe_model("small_cnn", info.num_classes, info.mean, info.std, 1)
+    save_checkpoint(path, model, desc, dataset="digits", sigma=0.25, method="gaussian",
                     config={"dataset": "digits", "sigma": 0.25})
     return path

@@ -58,9 +58,10 @@ def test_analyze_prints_row_and_writes_curve(digits_checkpoint, tmp_path, capsys
 @pytest.mark.parametrize("extra,message", [
     (["--sigma", "0"], "--sigma must be > 0"),
     (["--sigma", "-0.5"], "--sigma must be > 0"),
-    (["--n0", "200", "--n", "100"], "must not exceed --n"),
-    (["--alpha", "0"], "--alpha must lie in (0, 1)"),
-    (["--alpha", "1.5"], "--alpha must lie in (0, 1)"),
+    (["--n0", "200", "--n", "100"], "n0 (200) must not exceed n (100)"),
+    (["--alpha", "0"], "alpha: Input should be greater than 0"),
+    (["--alpha", "1.5"], "alpha: Input should be less than 1"),
+    (["--batch", "0"], "batch: Input should be greater than or equal to 1"),
     (["--n0", "5", "--n", "9"], "can never certify"),
     (["--dataset", "mnist"], "unknown data set 'mnist'"),
     (["--dataset", "cifar10", "--data-dir", "{tmp}"], "neither train/ and test/"),
@@ -82,6 +83,18 @@ def test_certify_bad_checkpoints(digits_checkpoint, tmp_path, capsys):
     torch.save(ckpt, tmp_path / "alex.pt")
     assert run_certify("--checkpoint", tmp_path / "alex.pt", "--out", tmp_path / "x.tsv") == 2
     assert "unknown architecture 'alexnet'" in capsys.readouterr().err
+    # A checkpoint that loads but lacks an entry is named, not a KeyError.
+    for key, named in (("model", "model"), ("sigma", "sigma")):
+        broken = {k: v for k, v in load_checkpoint(digits_checkpoint).items() if k != key}
+        torch.save(broken, tmp_path / f"no-{key}.pt")
+        assert run_certify("--checkpoint", tmp_path / f"no-{key}.pt", "--out", tmp_path / "y.tsv") == 2
+        err = capsys.readouterr().err
+        assert f"lacks {named}" in err and len(err.strip().splitlines()) == 1, err
+    broken = load_checkpoint(digits_checkpoint)
+    del broken["model"]["num_classes"]
+    torch.save(broken, tmp_path / "no-classes.pt")
+    assert run_certify("--checkpoint", tmp_path / "no-classes.pt", "--out", tmp_path / "y.tsv") == 2
+    assert "lacks model.num_classes" in capsys.readouterr().err
 
 
 def test_module_entry_point_exit_code_and_no_traceback(tmp_path):

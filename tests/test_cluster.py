@@ -134,6 +134,7 @@ def ray_head(tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_ray_job_submit_runs_a_search(ray_head, tmp_path):
     address, env = ray_head
     space = tmp_path / "job.yaml"

@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sodm.checkpoint import (CheckpointError, load_checkpoint, model_from_checkpoint, model_spec,
-                             save_checkpoint)
-from sodm.data import DataError, load_dataset, mini_imagenet_classes, subset_indices
-from sodm.models import Normalize, build_model
+from sodm.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from sodm.data import (DataError, digits_split_indices, load_dataset, mini_imagenet_classes,
+                       subset_indices)
+from sodm.models import Normalize, build_model, describe_model
 
 
 def test_digits_split():
@@ -17,8 +17,17 @@ def test_digits_split():
     x, y = train[0]
     assert x.shape == (1, 8, 8) and 0.0 <= x.min() and x.max() <= 1.0
     assert set(test.tensors[1].tolist()) == set(range(10))
-    # Train and test are disjoint halves of one fixed permutation.
-    assert torch.equal(load_dataset("digits", "test").tensors[0], test.tensors[0])
+    # Train and test are disjoint parts of one fixed permutation of scikit-learn's digits, and
+    # each split holds exactly the images its indices name.
+    from sklearn.datasets import load_digits
+
+    train_idx, test_idx = digits_split_indices("train"), digits_split_indices("test")
+    assert set(train_idx.tolist()).isdisjoint(test_idx.tolist())
+    assert sorted(train_idx.tolist() + test_idx.tolist()) == list(range(1797))
+    images = torch.tensor(load_digits().images / 16.0, dtype=torch.float32).unsqueeze(1)
+    assert torch.equal(train.tensors[0], images[train_idx])
+    assert torch.equal(test.tensors[0], images[test_idx])
+    assert torch.equal(load_dataset("digits", "test").tensors[0], test.tensors[0])  # fixed
 
 
 def _image_folder(root, split, classes, per_class, size=32):
@@ -115,8 +124,8 @@ def test_cifar_resnet110_depth():
 
 def test_checkpoint_roundtrip_and_mismatch(tmp_path):
     model = build_model("small_cnn", 10, [0.3], [0.4])
-    spec = model_spec("small_cnn", 10, [0.3], [0.4], 1)
-    path = save_checkpoint(tmp_path / "c.pt", model, spec, dataset="digits", sigma=0.5,
+    desc = describe_model("small_cnn", 10, [0.3], [0.4], 1)
+    path = save_checkpoint(tmp_path / "c.pt", model, desc, dataset="digits", sigma=0.5,
                            method="sodm", config={"beta": 6.0})
     ckpt = load_checkpoint(path)
     assert ckpt["sigma"] == 0.5 and ckpt["config"] == {"beta": 6.0}

@@ -68,6 +68,33 @@ def test_sodm_with_mapping_matches_softmax_at_identity():
         assert mapped.item() == pytest.approx(sodm_loss(logits, targets).loss.item(), rel=1e-5)
 
 
+def test_sodm_uses_the_mapping_it_is_given():
+    # One copy, logits [0, log 3], y = 1. A temperature-2 mapping gives softmax([0, log 3] / 2)
+    # = [1, sqrt 3] / (1 + sqrt 3), so g_y = 0.6340 instead of 0.75: a hand value of its own.
+    logits = torch.tensor([[[0.0, LOG3]]])
+    hot = build_mapping("temperature", 2)
+    with torch.no_grad():
+        hot.log_temperature.fill_(math.log(2.0))
+    g_y = math.sqrt(3) / (1 + math.sqrt(3))
+    out = sodm_loss(logits, torch.tensor([1]), beta=6.0, rho=0.99, mapping=hot)
+    assert out.loss.item() == pytest.approx(-6.0 * norm.ppf(g_y), rel=1e-5)
+    assert out.loss.item() != pytest.approx(sodm_loss(logits, torch.tensor([1])).loss.item(), rel=1e-3)
+    # An affine mapping whose bias flips the prediction sends the input to the accuracy branch:
+    # softmax([0 + log 4, log 3 + 0]) = [4/7, 3/7], so the loss is -log(3/7).
+    flip = build_mapping("affine", 2)
+    with torch.no_grad():
+        flip.scale.fill_(1.0)
+        flip.bias.copy_(torch.tensor([math.log(4.0), 0.0]))
+    out = sodm_loss(logits, torch.tensor([1]), beta=6.0, rho=0.99, mapping=flip)
+    assert out.stats["frac_misclassified"] == 1.0
+    assert out.loss.item() == pytest.approx(-math.log(3 / 7), rel=1e-5)
+    # The gradient reaches the mapping's parameters (the refresher trains them through the loss).
+    logits = torch.randn(4, 3, 2)
+    hot.zero_grad()
+    sodm_loss(logits, torch.tensor([0, 1, 0, 1]), mapping=hot).loss.backward()
+    assert hot.log_temperature.grad is not None and hot.log_temperature.grad != 0
+
+
 def test_gaussian_hand_value():
     logits = torch.tensor([[[0.0, LOG3], [LOG3, 0.0]]])
     # CE per copy: -log 0.75 and -log 0.25, mean.
@@ -78,16 +105,17 @@ def test_gaussian_hand_value():
 def test_macer_hand_value():
     # One input, one copy, logits [0, log 3], y = 1, inverse temperature beta = 1 for hand values.
     logits = torch.tensor([[[0.0, LOG3]]])
-    out = macer_loss(logits, torch.tensor([1]), sigma=0.5, gamma=8.0, lbd=12.0, beta=1.0)
+    out = macer_loss(logits, torch.tensor([1]), sigma=0.5, gamma=8.0, lbd=12.0,
+                     inverse_temperature=1.0)
     # CE: -log 0.75; hinge: gamma + Phi^-1(0.25) - Phi^-1(0.75) = 8 - 1.34898; times sigma/2, lbd.
     hinge = 8.0 + norm.ppf(0.25) - norm.ppf(0.75)
     assert out.loss.item() == pytest.approx(-math.log(0.75) + 12.0 * 0.25 * hinge, rel=1e-5)
     # Wrong top-1: no hinge, only the cross-entropy.
-    out = macer_loss(logits, torch.tensor([0]), sigma=0.5, beta=1.0)
+    out = macer_loss(logits, torch.tensor([0]), sigma=0.5, inverse_temperature=1.0)
     assert out.loss.item() == pytest.approx(-math.log(0.25), rel=1e-5)
     # Margin beyond gamma: the hinge is inactive.
     far = torch.tensor([[[0.0, 30.0]]])
-    out = macer_loss(far, torch.tensor([1]), sigma=0.5, gamma=1.0, beta=1.0)
+    out = macer_loss(far, torch.tensor([1]), sigma=0.5, gamma=1.0, inverse_temperature=1.0)
     assert out.stats["rob_term"] == 0.0
 
 

@@ -3,16 +3,18 @@ import json
 import pytest
 import torch
 
-from sodm import cli, train as train_mod
+from sodm import cli, loop, train as train_mod
 from sodm.checkpoint import load_checkpoint, model_from_checkpoint
 from sodm.config import ConfigError, make_config
 from sodm.data import load_dataset
+from sodm.losses import gaussian_loss, macer_loss, smoothadv_attack, sodm_loss
+from sodm.mapping import build_mapping
 from sodm.metrics import certified_accuracy
 from sodm.models import build_model
 from sodm.smoothing import Smooth, noise_generator
 
 FAST = dict(dataset="digits", epochs=2, eval_count=100, acr_quick_count=5, acr_quick_n=64,
-            cert_max=0, progress=False, train_subset=640)
+            certify={"max": 0}, progress=False, train_subset=640)
 
 
 def quiet(_):
@@ -31,11 +33,12 @@ def cert_acc_at(model, radius=0.25, count=60, n=400):
     return certified_accuracy(radii, correct, [radius])[0]
 
 
+@pytest.mark.slow
 def test_sodm_raises_certified_accuracy_and_refreshes_mapping(tmp_path):
     cfg = make_config(**{**FAST, "epochs": 6, "train_subset": None}, out_dir=str(tmp_path / "run"),
                       m=5)
     steps = []
-    result = train_mod.train(cfg, log=quiet, on_step=lambda e, s: steps.append(s))
+    result = loop.train(cfg, log=quiet, on_step=lambda e, s: steps.append(s))
     history = result["history"]
     steps_total = len(steps)
     assert history[-1]["step"] == steps_total
@@ -58,9 +61,10 @@ def test_sodm_raises_certified_accuracy_and_refreshes_mapping(tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_and_resume_after_a_crash_continues_it(tmp_path):
     full = make_config(**{**FAST, "epochs": 3}, out_dir=str(tmp_path / "full"), seed=3)
-    train_mod.train(full, log=quiet)
+    loop.train(full, log=quiet)
 
     crashed = make_config(**{**FAST, "epochs": 3}, out_dir=str(tmp_path / "crash"), seed=3)
 
@@ -69,12 +73,12 @@ def test_same_seed_same_run_and_resume_after_a_crash_continues_it(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_mod.train(crashed, log=quiet, on_step=crash)
+        loop.train(crashed, log=quiet, on_step=crash)
     assert load_checkpoint(tmp_path / "crash" / "checkpoint.pt")["epoch"] == 1
     # Without --resume an existing run is never overwritten.
     with pytest.raises(ConfigError, match="already holds a run"):
-        train_mod.train(crashed, log=quiet)
-    result = train_mod.train(crashed, resume=True, log=quiet)
+        loop.train(crashed, log=quiet)
+    result = loop.train(crashed, resume=True, log=quiet)
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "crash" / "checkpoint.pt")
     for k in a["state_dict"]:
@@ -85,7 +89,34 @@ def test_same_seed_same_run_and_resume_after_a_crash_continues_it(tmp_path):
     # A resumed run must keep its settings.
     changed = make_config(**{**FAST, "epochs": 3}, out_dir=str(tmp_path / "crash"), seed=3, beta=1.0)
     with pytest.raises(ConfigError, match="beta"):
-        train_mod.train(changed, resume=True, log=quiet)
+        loop.train(changed, resume=True, log=quiet)
+
+
+@pytest.mark.parametrize("method", ["sodm", "gaussian", "macer", "smoothadv"])
+def test_each_method_takes_its_own_loss(method):
+    """The loop's loss for a method is that method's loss on the same noise copies, and not
+    another method's."""
+    cfg = make_config(method=method, n=3, smoothadv_steps=2, smoothadv_eps=0.5)
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, (0.3,), (0.4,)).eval()
+    x, y = (t[:8] for t in load_dataset("digits", "test").tensors)
+    mapping = build_mapping("affine", 10, seed=1)
+    out, _ = loop.compute_loss(cfg, model, x, y, torch.Generator().manual_seed(0), mapping, 6.0)
+    noise = torch.randn((8, 3, 1, 8, 8), generator=torch.Generator().manual_seed(0)) * cfg.sigma
+
+    def logits_at(inputs):
+        return model((inputs.unsqueeze(1) + noise).flatten(0, 1)).view(8, 3, -1)
+
+    clean = logits_at(x)
+    losses = {"sodm": sodm_loss(clean, y, beta=6.0, rho=cfg.rho, mapping=mapping).loss,
+              "gaussian": gaussian_loss(clean, y).loss,
+              "macer": macer_loss(clean, y, cfg.sigma, cfg.macer_gamma, cfg.macer_lbd,
+                                  inverse_temperature=cfg.macer_beta).loss,
+              "smoothadv": gaussian_loss(logits_at(smoothadv_attack(model, x, y, noise, 0.5, 2)), y).loss}
+    assert out.loss.item() == pytest.approx(losses[method].item(), rel=1e-5)
+    for other, loss in losses.items():
+        if other != method:
+            assert out.loss.item() != pytest.approx(loss.item(), rel=1e-3), other
 
 
 @pytest.mark.parametrize("method", ["gaussian", "macer", "smoothadv"])
@@ -93,7 +124,7 @@ def test_baselines_train_in_the_same_loop(tmp_path, method):
     cfg = make_config(**{**FAST, "epochs": 2, "train_subset": None}, method=method,
                       out_dir=str(tmp_path / method),
                       smoothadv_steps=2, n=4)
-    history = train_mod.train(cfg, log=quiet)["history"]
+    history = loop.train(cfg, log=quiet)["history"]
     assert history[0]["mapping_version"] == 0  # no mapping network outside SODM
     assert history[-1]["test_clean_acc"] > 0.4  # two short epochs already learn something
     assert load_checkpoint(tmp_path / method / "checkpoint.pt")["method"] == method
@@ -132,3 +163,28 @@ def test_train_cli_uses_ray_train_with_workers(tmp_path, monkeypatch):
     assert code == 0
     assert seen["cfg"].num_workers == 2 and seen["cfg"].refresher_sync and seen["resume"]
     assert cli.run(train_mod.main, "sodm.train", ["--num-workers", "-1"]) == 2
+
+
+def test_configs_and_checkpoints_written_before_still_read(tmp_path):
+    """Flat cert_* keys (configs, space files, checkpoints of earlier versions) are read into the
+    one CertifySettings; sigma lives once in a new checkpoint, and run_config gives it back."""
+    from sodm.checkpoint import run_config
+    from sodm.config import TrainConfig
+
+    old = make_config(**FAST, out_dir=str(tmp_path / "x")).model_dump()
+    old.pop("certify")
+    old.update(cert_n0=10, cert_n=300, cert_alpha=0.01, cert_batch=50, cert_skip=3, cert_max=7)
+    cfg = TrainConfig(**old)
+    assert (cfg.certify.n0, cfg.certify.n, cfg.certify.alpha, cfg.certify.batch, cfg.certify.skip,
+            cfg.certify.max, cfg.certify.seed) == (10, 300, 0.01, 50, 3, 7, cfg.seed)
+    with pytest.raises(ConfigError, match="n0 \\(500\\) must not exceed n \\(300\\)"):
+        make_config(cert_n0=500, cert_n=300)
+
+    cfg = make_config(**{**FAST, "epochs": 1}, out_dir=str(tmp_path / "run"), sigma=0.5)
+    loop.train(cfg, log=quiet)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["sigma"] == 0.5 and "sigma" not in ckpt["config"]
+    assert TrainConfig(**run_config(ckpt)) == cfg
+    # A checkpoint of an earlier version kept sigma in its config too (and flat cert_* keys).
+    ckpt["config"] = {**old, "sigma": 0.5, "out_dir": cfg.out_dir}
+    assert TrainConfig(**run_config(ckpt)).sigma == 0.5

@@ -91,8 +91,8 @@ def test_bare_names_resolve_to_tune_spaces(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["smoke", "cifar10"])
 def test_shipped_spaces_validate(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # cifar10's data_dir is created by the download; validation allows it
-    path, spec = tune.load_space(name)
-    assert {"beta", "rho", "m", "n"} <= set(spec.space)
+    path, space_file = tune.load_space(name)
+    assert {"beta", "rho", "m", "n"} <= set(space_file.space)
 
 
 QUIET = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
@@ -100,6 +100,7 @@ QUIET = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25
          "RAY_TRAIN_METRICS_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
+@pytest.mark.slow
 def test_search_interrupted_resumed_and_recorded_in_mlflow(tmp_path):
     doc = {
         "name": "tiny",
@@ -168,3 +169,28 @@ def test_unwritable_storage_is_refused(tmp_path, capsys):
     code = cli.run(tune.main, "sodm.tune", ["--space", str(path), "--storage", str(blocker / "x")])
     err = capsys.readouterr().err
     assert code == 2 and "cannot be written" in err and len(err.strip().splitlines()) == 1
+
+
+def test_space_files_share_the_certification_settings(tmp_path):
+    """`final` is the certify CLI's settings (plus top_k and where it runs), validated the same
+    way; a base with the earlier flat cert_* keys still validates."""
+    path, space_file = tune.load_space(str(write(tmp_path, with_("base.cert_n", 500))))
+    assert space_file.trial_config({}, str(tmp_path)).certify.n == 500
+    assert space_file.trial_config({}, str(tmp_path)).certify.max == 0  # trials never certify
+    final = {"n0": 100, "n": 50}
+    path = write(tmp_path, with_("final", final), "bad.yaml")
+    with pytest.raises(tune.SpaceError, match="n0 \\(100\\) must not exceed n \\(50\\)"):
+        tune.load_space(str(path))
+    settings = tune.load_space("smoke")[1].final.settings()
+    assert (settings.n, settings.skip, settings.max) == (500, 6, 60)
+
+
+def test_refresher_share_is_reserved_only_where_a_trial_refreshes(tmp_path):
+    def needs(**base):
+        return tune.load_space(str(write(tmp_path, {**GOOD, "base": {**GOOD["base"], **base}})))[1]
+
+    assert needs(mapping="affine").needs_refresher()
+    assert not needs(mapping="softmax").needs_refresher()  # the static mapping has no refresher
+    assert not needs(method="gaussian").needs_refresher()
+    mixed = with_("space.mapping", {"type": "choice", "values": ["softmax", "mlp"]})
+    assert tune.load_space(str(write(tmp_path, mixed, "mixed.yaml")))[1].needs_refresher()

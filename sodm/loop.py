@@ -1,0 +1,410 @@
+"""The one training loop of every method (sodm, gaussian, macer, smoothadv), differing only in the
+loss; in this process (`LocalSession`) or as one worker of a Ray Train run (`RaySession` in
+sodm.distributed), with per-epoch atomic checkpoints, exact resume and, at the end, certification.
+
+    train(cfg)                      the whole run: set up or resume, epochs, certification
+    train_epoch(state, epoch)       one pass over this rank's share of the training set
+    train_step(state, x, y, beta)   one optimizer step on a batch and its n noise copies
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from sodm import cli
+from sodm.certify import certify_run
+from sodm.checkpoint import CheckpointError, load_checkpoint, run_config, save_checkpoint
+from sodm.config import ConfigError, TrainConfig
+from sodm.data import TrainData, dataset_info, load_dataset, load_tensors, subset_indices
+from sodm.losses import LossOutput, gaussian_loss, macer_loss, smoothadv_attack, sodm_loss
+from sodm.mapping import build_mapping
+from sodm.models import build_described, describe_model
+from sodm.refresher import MappingRefresher, needs_refresher
+from sodm.smoothing import Smooth, noise_generator
+
+# Config keys that may change between a run and its resumption.
+RESUMABLE_CHANGES = {"epochs", "device", "progress", "time_budget_s", "certify", "eval_count",
+                     "data_dir", "out_dir", "storage", "max_failures"}
+
+
+def compute_loss(cfg: TrainConfig, model, x, y, noise_gen, mapping, beta, autocast=nullcontext(),
+                 channels_last=False) -> tuple[LossOutput, torch.Tensor]:
+    """The loss of one batch for cfg.method, and the logits (batch, n, K) of its noisy copies."""
+    b = len(y)
+    noise = torch.randn((b, cfg.n, *x.shape[1:]), generator=noise_gen, device=x.device).mul_(cfg.sigma)
+    if cfg.method == "smoothadv":
+        x = smoothadv_attack(model, x, y, noise, cfg.smoothadv_eps, cfg.smoothadv_steps)
+    noisy = (x.unsqueeze(1) + noise).flatten(0, 1)
+    if channels_last:
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
+    with autocast:
+        logits = model(noisy).view(b, cfg.n, -1).float()
+    if cfg.method == "sodm":
+        return sodm_loss(logits, y, beta=beta, rho=cfg.rho, mapping=mapping), logits
+    if cfg.method == "macer":
+        return macer_loss(logits, y, cfg.sigma, cfg.macer_gamma, cfg.macer_lbd,
+                          inverse_temperature=cfg.macer_beta, rho=cfg.rho), logits
+    return gaussian_loss(logits, y, cfg.rho), logits
+
+
+@torch.no_grad()
+def evaluate(model, x, y, sigma: float, seed: int, batch: int = 500) -> tuple[float, float]:
+    """Clean accuracy and accuracy under one draw of noise (fixed by seed) on (x, y)."""
+    model.eval()
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    clean = noisy = 0
+    for xb, yb in zip(x.split(batch), y.split(batch)):
+        clean += (model(xb).argmax(1) == yb).sum().item()
+        noise = torch.randn(xb.shape, generator=gen, device=x.device).mul_(sigma)
+        noisy += (model(xb + noise).argmax(1) == yb).sum().item()
+    model.train()
+    return clean / len(y), noisy / len(y)
+
+
+def acr_quick(model, x, y, cfg: TrainConfig, num_classes: int) -> float:
+    """A quick ACR on a fixed small subset with small N, for schedulers; never reported as ACR."""
+    model.eval()
+    smooth = Smooth(model, num_classes, cfg.sigma)
+    total = 0.0
+    for i in range(len(y)):
+        prediction, radius = smooth.certify(x[i], min(64, cfg.acr_quick_n), cfg.acr_quick_n,
+                                            cfg.certify.alpha, cfg.certify.batch,
+                                            noise_generator(cfg.seed, i, x.device))
+        total += radius if prediction == int(y[i]) else 0.0
+    model.train()
+    return total / len(y)
+
+
+def eval_tensors(cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed, evenly strided subset of the test set for per-epoch evaluation."""
+    if cfg.dataset in ("digits", "cifar10"):
+        x, y = load_tensors(cfg.dataset, "test", cfg.data_dir, cfg.download)
+        idx = torch.tensor(subset_indices(len(y), 0, max(1, len(y) // cfg.eval_count), cfg.eval_count))
+        return x[idx].to(device), y[idx].to(device)
+    ds = load_dataset(cfg.dataset, "test", cfg.data_dir)
+    idx = subset_indices(len(ds), 0, max(1, len(ds) // cfg.eval_count), cfg.eval_count)
+    items = [ds[i] for i in idx]
+    return (torch.stack([a for a, _ in items]).to(device),
+            torch.tensor([b for _, b in items], device=device))
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """A short hash of a module's state, to compare it across ranks."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
+    now = cfg.model_dump()
+    diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if diff:
+        raise ConfigError(f"{cfg.out_dir} holds a run with other settings ("
+                          + ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
+                          + "); use another out_dir")
+
+
+class LocalSession:
+    """A single process: checkpoints in out_dir/checkpoint.pt, no collectives.
+    `sodm.distributed.RaySession` is the same interface over Ray Train workers and DDP."""
+
+    rank, world_size, is_main = 0, 1, True
+
+    def __init__(self, out_dir: Path, device: torch.device):
+        self.ckpt_path = out_dir / "checkpoint.pt"
+        self.device = device
+
+    def load(self) -> dict | None:
+        return load_checkpoint(self.ckpt_path, map_location=self.device) if self.ckpt_path.exists() else None
+
+    def save(self, write: Callable[[Path], None], record: dict) -> None:
+        write(self.ckpt_path)
+
+    def wrap(self, model):
+        return model
+
+    def broadcast(self, obj):
+        return obj
+
+    def all_gather(self, obj) -> list:
+        return [obj]
+
+    def all_reduce_sum(self, values: dict[str, float]) -> dict[str, float]:
+        return values
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+
+@dataclass
+class TrainState:
+    """Everything one rank's loop advances, and what a checkpoint saves of it."""
+
+    cfg: TrainConfig
+    session: Any
+    model: torch.nn.Module  # the classifier; `net` is it wrapped for the session (DDP)
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    data: Any  # TrainData (or anything with epoch(), steps_per_epoch() and sample())
+    noise_gen: torch.Generator
+    aug_gen: torch.Generator
+    mapping: torch.nn.Module
+    refresher: Any = None  # rank 0's mapping refresher, when the run has one
+    autocast: Any = field(default_factory=nullcontext)
+    channels_last: bool = False
+    step: int = 0
+    train_seconds: float = 0.0
+    budget_spent: bool = False
+    history: list = field(default_factory=list)
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the mapping is refreshed during training (the same answer on every rank)."""
+        return needs_refresher(self.cfg)
+
+
+def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, beta: float) -> dict[str, float]:
+    """One optimizer step on the batch's n noise copies; the batch's statistics for the logs."""
+    cfg = state.cfg
+    out, logits = compute_loss(cfg, state.net, x, y, state.noise_gen, state.mapping, beta,
+                               state.autocast, state.channels_last)
+    if not math.isfinite(loss_value := out.loss.item()):
+        raise FloatingPointError(f"non-finite {cfg.method} loss {loss_value} at step "
+                                 f"{state.step + 1}; lower lr or beta")
+    state.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    state.optimizer.step()
+    state.step += 1
+    return {"loss": loss_value, **out.stats,
+            "train_noisy_acc": (logits.argmax(-1) == y[:, None]).float().mean().item()}
+
+
+def refresh_mapping(state: TrainState, beta: float) -> None:
+    """Rank 0 hands the refresher the classifier's weights and takes the newest mapping; every
+    rank switches to it at this same step."""
+    session = state.session
+    newest = state.refresher.refresh(state.model.state_dict(), beta) if session.is_main else None
+    state.mapping.load_state_dict(session.broadcast(newest)[1])
+
+
+def train_epoch(state: TrainState, epoch: int,
+                on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """One epoch of this rank's batches (refreshing the mapping every m steps), then the lr
+    schedule's step. Returns the epoch's record of training statistics, averaged over ranks."""
+    cfg, session = state.cfg, state.session
+    beta = cfg.beta_at(epoch)
+    sums: dict[str, float] = {}
+    refresh_wait = 0.0
+    epoch_start = time.perf_counter()
+    batches = state.data.epoch(epoch, state.aug_gen)
+    if cfg.progress and session.is_main:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, total=state.data.steps_per_epoch(), file=sys.stderr,
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=1.0)
+    for x, y in batches:
+        stats = train_step(state, x, y, beta)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v * len(y)
+        sums["samples"] = sums.get("samples", 0.0) + len(y)
+        if state.dynamic and state.step % cfg.m == 0:
+            t = time.perf_counter()
+            refresh_mapping(state, beta)
+            refresh_wait += time.perf_counter() - t
+        if on_step is not None:
+            on_step(epoch, state.step)
+        if cfg.time_budget_s and session.any(
+                state.train_seconds + time.perf_counter() - epoch_start > cfg.time_budget_s):
+            state.budget_spent = True
+            break
+    state.scheduler.step()
+    seconds = time.perf_counter() - epoch_start
+    state.train_seconds += seconds
+    sums = session.all_reduce_sum(sums)
+    seen = max(sums.pop("samples", 0.0), 1.0)
+    record = {"epoch": epoch + 1, "step": state.step, **{k: v / seen for k, v in sums.items()},
+              "lr": state.optimizer.param_groups[0]["lr"], "beta": beta, "seconds": seconds,
+              "refresh_share": refresh_wait / seconds if seconds else 0.0,
+              "mapping_version": state.refresher.version if state.refresher is not None else 0,
+              "train_seconds": state.train_seconds}
+    if state.dynamic:
+        # Every rank must use the same mapping at every step; a disagreement is a bug.
+        digests = session.all_gather(state_digest(state.mapping))
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"ranks hold different mappings at step {state.step}: {digests}")
+        record["mapping_digests"] = digests
+    return record
+
+
+def build_state(cfg: TrainConfig, session, refresher=None) -> TrainState:
+    """A fresh run's state on this rank: the seeded model (the same on every rank), optimizer,
+    schedule, this rank's data shard and its noise and augmentation streams, the mapping and,
+    on rank 0 of a run that refreshes its mapping, the refresher (in-process unless given)."""
+    device, rank, world = session.device, session.rank, session.world_size
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    info = dataset_info(cfg.dataset)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_described(model_description(cfg)).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    data = TrainData(cfg.dataset, cfg.data_dir, cfg.batch_size // world, device, cfg.seed,
+                     cfg.augment, cfg.train_subset, cfg.download, rank=rank, world_size=world)
+    mapping = build_mapping(cfg.mapping if cfg.method == "sodm" else "softmax", info.num_classes,
+                            seed=cfg.seed).to(device).requires_grad_(False)
+    if not needs_refresher(cfg) or not session.is_main:
+        refresher = None  # only rank 0 talks to the refresher
+    elif refresher is None:
+        refresher = MappingRefresher(cfg, model_description(cfg), data, device)
+    return TrainState(
+        cfg=cfg, session=session, model=model, net=model, optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones, cfg.lr_gamma),
+        data=data, mapping=mapping, refresher=refresher, channels_last=cuda,
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext(),
+        # A distinct, seeded noise (and augmentation) stream per rank, saved in every checkpoint.
+        noise_gen=torch.Generator(device=device).manual_seed(cfg.seed + 1_000 * rank),
+        aug_gen=torch.Generator(device=device).manual_seed(cfg.seed + 1_000 * rank + 1))
+
+
+def model_description(cfg: TrainConfig) -> dict:
+    info = dataset_info(cfg.dataset)
+    return describe_model(cfg.arch, info.num_classes, info.mean, info.std, info.input_shape[0])
+
+
+def restore(state: TrainState, ckpt: dict) -> None:
+    """Continue from a checkpoint of the same run: weights, optimizer, schedule, this rank's
+    random streams, the refresher, the counters and the history."""
+    cfg, session = state.cfg, state.session
+    _check_resumable(run_config(ckpt), cfg)
+    if len(ckpt["rank_rng"]) != session.world_size:
+        raise ConfigError(f"the checkpoint was written by {len(ckpt['rank_rng'])} workers, "
+                          f"not {session.world_size}; resume with the same number of workers")
+    state.model.load_state_dict(ckpt["state_dict"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    mine = ckpt["rank_rng"][session.rank]
+    state.noise_gen.set_state(mine["noise"].cpu())
+    state.aug_gen.set_state(mine["aug"].cpu())
+    torch.set_rng_state(mine["cpu"].cpu())
+    if state.refresher is not None:
+        state.refresher.load_state_dict(ckpt["refresher"])
+    state.step, state.train_seconds = ckpt["step"], ckpt["train_seconds"]
+    state.history, state.budget_spent = list(ckpt["history"]), ckpt.get("budget_spent", False)
+
+
+def save(state: TrainState, epoch_done: int, record: dict, out_dir: Path) -> None:
+    """The end-of-epoch checkpoint (every rank takes part: the random streams of all ranks are
+    gathered into it) and, on rank 0, metrics.jsonl."""
+    session, cfg = state.session, state.cfg
+    rank_rng = session.all_gather({"noise": state.noise_gen.get_state(),
+                                   "aug": state.aug_gen.get_state(), "cpu": torch.get_rng_state()})
+    if not session.is_main:
+        session.save(None, record)
+        return
+    extra = {"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+             "rank_rng": rank_rng, "epoch": epoch_done, "step": state.step,
+             "train_seconds": state.train_seconds, "history": state.history,
+             "budget_spent": state.budget_spent}
+    if state.refresher is not None:
+        extra["refresher"] = state.refresher.state_dict()
+    session.save(lambda path: save_checkpoint(
+        path, state.model, model_description(cfg), dataset=cfg.dataset, sigma=cfg.sigma,
+        method=cfg.method, config=cfg.model_dump(), **extra), record)
+    (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.history))
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print,
+          on_step: Callable[[int, int], None] | None = None,
+          on_epoch: Callable[[dict], None] | None = None, certify: bool = True,
+          session=None, refresher=None) -> dict[str, Any]:
+    """Train per cfg (resuming from the session's last checkpoint when resume), then certify.
+
+    session: LocalSession (default) or a distributed one; refresher: the mapping refresher (default:
+    an in-process MappingRefresher for SODM with a trainable mapping; a RemoteRefresher under Ray).
+    on_step(epoch, step) is called after every optimizer step, on_epoch(record) after every epoch.
+    Returns {"history": [...per-epoch records...], "certification": {...} or None, "out_dir"}."""
+    out_dir = Path(cfg.out_dir).expanduser().resolve()
+    session = session or LocalSession(out_dir, cli.pick_device(cfg.device))
+    local = isinstance(session, LocalSession)
+    if session.is_main and local and session.ckpt_path.exists() and not resume:
+        raise ConfigError(f"{out_dir} already holds a run; resume it (--resume) or use another out_dir")
+    if cfg.batch_size % session.world_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the "
+                          f"{session.world_size} workers")
+    state = build_state(cfg, session, refresher)
+    test_x, test_y = eval_tensors(cfg, session.device) if session.is_main else (None, None)
+    start_epoch = 0
+    ckpt = session.load() if (resume or not local) else None
+    if ckpt is not None:
+        restore(state, ckpt)
+        start_epoch = ckpt["epoch"]
+        if session.is_main:
+            log(f"resumed {out_dir} at epoch {start_epoch} (step {state.step})")
+    elif cfg.init_checkpoint:
+        init = load_checkpoint(cfg.init_checkpoint, map_location=session.device)
+        if init["model"]["arch"] != cfg.arch:
+            raise CheckpointError(f"init_checkpoint is a {init['model']['arch']}, not a {cfg.arch}")
+        state.model.load_state_dict(init["state_dict"])
+        if session.is_main:
+            log(f"initialised from {cfg.init_checkpoint}")
+    if state.dynamic:
+        # Every rank starts from rank 0's mapping (the refresher's current version).
+        latest = state.refresher.latest() if session.is_main else None
+        state.mapping.load_state_dict(session.broadcast(latest)[1])
+    state.net = session.wrap(state.model)  # DDP across ranks; the model itself under one process
+
+    if session.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2) + "\n")
+    state.net.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        if state.budget_spent:
+            break
+        record = train_epoch(state, epoch, on_step)
+        if session.is_main:
+            clean, noisy = evaluate(state.model, test_x, test_y, cfg.sigma, cfg.seed)
+            record.update(test_clean_acc=clean, test_noisy_acc=noisy, acr_quick=acr_quick(
+                state.model, test_x[: cfg.acr_quick_count], test_y[: cfg.acr_quick_count], cfg,
+                cfg.num_classes))
+            state.history.append(record)
+        save(state, epoch + 1, record, out_dir)
+        if session.is_main:
+            log(format_record(record))
+            if on_epoch is not None:
+                on_epoch(record)
+
+    certification = None
+    if certify and session.is_main and local:
+        certification = certify_run(session.ckpt_path, cfg.certify, out_dir,
+                                    f"{cfg.method} sigma={cfg.sigma}", log, device=cfg.device,
+                                    progress=cfg.progress)
+    return {"history": state.history, "certification": certification, "out_dir": str(out_dir)}
+
+
+def format_record(r: dict) -> str:
+    return (f"epoch {r['epoch']:>3}  loss {r['loss']:.4f} (acc {r['acc_term']:.3f} rob {r['rob_term']:.3f})"
+            f"  branches mis/rob/sat {r['frac_misclassified']:.2f}/{r['frac_robust']:.2f}/"
+            f"{r['frac_saturated']:.2f}  train-noisy {r['train_noisy_acc']:.3f}"
+            f"  test clean {r['test_clean_acc']:.3f} noisy {r['test_noisy_acc']:.3f}"
+            f"  acr_quick {r['acr_quick']:.3f}  {r['seconds']:.1f}s"
+            + (f"  refresh {100 * r['refresh_share']:.0f}% v{r['mapping_version']}"
+               if r["mapping_version"] else ""))
