@@ -25,7 +25,12 @@ EPS = 1e-6
 @dataclass
 class LossOutput:
     loss: torch.Tensor
-    stats: dict[str, float] = field(default_factory=dict)
+    # Per-batch statistics as 0-dim tensors on the logits' device: reading them is left to the
+    # caller, so a training step never waits for the device.
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def floats(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.stats.items()}
 
 
 def smoothed_log_probabilities(logits: torch.Tensor, mapping=None) -> torch.Tensor:
@@ -55,11 +60,9 @@ def branch_masks(g: torch.Tensor, targets: torch.Tensor, rho: float):
     return g_y, misclassified, robust, saturated
 
 
-def _branch_stats(misclassified, robust, saturated) -> dict[str, float]:
-    b = misclassified.numel()
-    return {"frac_misclassified": misclassified.sum().item() / b,
-            "frac_robust": robust.sum().item() / b,
-            "frac_saturated": saturated.sum().item() / b}
+def _branch_stats(misclassified, robust, saturated) -> dict[str, torch.Tensor]:
+    return {"frac_misclassified": misclassified.float().mean(), "frac_robust": robust.float().mean(),
+            "frac_saturated": saturated.float().mean()}
 
 
 def sodm_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float = 6.0, rho: float = 0.99,
@@ -78,7 +81,7 @@ def sodm_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float = 6.0, rh
     accuracy = torch.where(misclassified, -log_g_y, torch.zeros_like(log_g_y))
     robustness = torch.where(robust, -beta * torch.special.ndtri(g_y), torch.zeros_like(g_y))
     b = targets.numel()
-    stats = {"acc_term": accuracy.sum().item() / b, "rob_term": robustness.sum().item() / b,
+    stats = {"acc_term": accuracy.detach().sum() / b, "rob_term": robustness.detach().sum() / b,
              **_branch_stats(misclassified, robust, saturated)}
     return LossOutput((accuracy + robustness).mean(), stats)
 
@@ -88,7 +91,8 @@ def gaussian_loss(logits: torch.Tensor, targets: torch.Tensor, rho: float = 0.99
     b, n, k = logits.shape
     loss = F.cross_entropy(logits.reshape(b * n, k).float(), targets.repeat_interleave(n))
     stats = _branch_stats(*branch_masks(smoothed_probabilities(logits.detach()), targets, rho)[1:])
-    return LossOutput(loss, {"acc_term": loss.item(), "rob_term": 0.0, **stats})
+    return LossOutput(loss, {"acc_term": loss.detach(), "rob_term": torch.zeros((), device=loss.device),
+                             **stats})
 
 
 def macer_loss(logits: torch.Tensor, targets: torch.Tensor, sigma: float, gamma: float = 8.0,
@@ -113,7 +117,7 @@ def macer_loss(logits: torch.Tensor, targets: torch.Tensor, sigma: float, gamma:
     hinge = torch.special.ndtri(kept[:, 1]) - torch.special.ndtri(kept[:, 0]) + gamma
     robustness = hinge.sum() * sigma / 2
     loss = (classification + lbd * robustness) / b
-    stats = {"acc_term": classification.item() / b, "rob_term": lbd * robustness.item() / b,
+    stats = {"acc_term": classification.detach() / b, "rob_term": lbd * robustness.detach() / b,
              **_branch_stats(*branch_masks(g.detach(), targets, rho)[1:])}
     return LossOutput(loss, stats)
 

@@ -15,6 +15,7 @@ import time
 import torch
 
 from sodm.config import TrainConfig
+from sodm.fastpath import training_precision
 from sodm.losses import sodm_loss
 from sodm.mapping import TRAINABLE_KINDS, build_mapping
 from sodm.models import build_described
@@ -35,7 +36,12 @@ class MappingRefresher:
         `sample(k, generator) -> (x, y)` (sodm.data.TrainData)."""
         self.cfg = cfg
         self.device = torch.device(device)
+        # The classifier's forward takes the training loop's arithmetic and layout (bf16 autocast
+        # where native); the mapping and its loss stay fp32.
+        self.autocast, self.channels_last = training_precision(self.device, cfg.amp)
         self.classifier = build_described(model_desc).to(self.device).eval()
+        if self.channels_last:
+            self.classifier = self.classifier.to(memory_format=torch.channels_last)
         self.classifier.requires_grad_(False)
         self.mapping = build_mapping(cfg.mapping, model_desc["num_classes"], seed=cfg.seed).to(self.device)
         self.optimizer = torch.optim.Adam(self.mapping.parameters(), lr=cfg.mapping_lr)
@@ -56,8 +62,9 @@ class MappingRefresher:
         x, y = x.to(self.device), y.to(self.device)
         noise = torch.randn((len(y), cfg.n_prime, *x.shape[1:]), generator=self.generator,
                             device=self.device).mul_(cfg.sigma)
-        with torch.no_grad():
-            logits = torch.cat([self.classifier(chunk.flatten(0, 1))
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        with torch.no_grad(), self.autocast:
+            logits = torch.cat([self.classifier(chunk.flatten(0, 1).contiguous(memory_format=layout)).float()
                                 for chunk in (x.unsqueeze(1) + noise).split(max(1, 4096 // cfg.n_prime))])
         out = sodm_loss(logits.view(len(y), cfg.n_prime, -1).float(), y, beta=beta, rho=cfg.rho,
                         mapping=self.mapping)

@@ -66,9 +66,43 @@ def test_constant_classifier_abstains_when_n_too_small():
     assert (prediction, radius) == (-1, 0.0)
 
 
-def test_certify_radius_exceeds_true_radius_at_most_alpha_often():
+class ConvThreshold(torch.nn.Module):
+    """Threshold(0) built from a 1x1 convolution and a BatchNorm (running stats that undo the
+    convolution's scale), so that the fast path has something to fold and to run in bf16: class 1
+    when the first pixel is above 0 (a sign, which bf16 rounding keeps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(1)
+        with torch.no_grad():
+            self.conv.weight.fill_(2.0)
+            self.bn.running_var.fill_(4.0)
+            self.bn.weight.fill_(1.5)
+        self.eval()
+
+    def forward(self, x):
+        above = (self.bn(self.conv(x))[:, 0, 0, 0] > 0).long()
+        return torch.nn.functional.one_hot(above, 2).float()
+
+
+def fast_path(path):
+    """Smooth's classifier on each certification path: plain fp32, BatchNorm folded with
+    channels_last (the default), and bf16 with channels_last."""
+    from sodm.fastpath import inference_model
+
+    if path == "plain":
+        return Threshold(0.0), torch.float32
+    model, taken = inference_model(ConvThreshold(), torch.device("cpu"))
+    assert taken["fold_batchnorm"] and taken["channels_last"]
+    return model, torch.bfloat16 if path == "bf16" else torch.float32
+
+
+@pytest.mark.parametrize("path", ["plain", "folded", "bf16"])
+def test_certify_radius_exceeds_true_radius_at_most_alpha_often(path):
     sigma, t, x0, alpha, trials = 0.5, 0.0, 0.4, 0.05, 400
-    smooth = Smooth(Threshold(t), 2, sigma)
+    model, dtype = fast_path(path)
+    smooth = Smooth(model, 2, sigma, dtype)
     x = torch.zeros(1, 2, 2)
     x[0, 0, 0] = x0
     gen = torch.Generator().manual_seed(1)
@@ -114,3 +148,41 @@ def test_bad_sigma_and_dtype():
         Smooth(Constant(0), 3, 0.0)
     with pytest.raises(ValueError):
         Smooth(Constant(0), 3, 0.5, dtype=torch.float16)
+
+
+def test_folded_model_gives_the_plain_models_predictions():
+    """BatchNorm folded into the convolutions (and channels_last) is the same function up to fp32
+    rounding: on noisy inputs its logits match and its predictions are the same."""
+    from sodm.fastpath import fold_batchnorm, inference_model
+    from sodm.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cifar_resnet20", 10, (0.49, 0.48, 0.45), (0.2, 0.2, 0.2)).eval()
+    for m in model.modules():  # trained-looking statistics, so that folding has work to do
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    fast, path = inference_model(model, torch.device("cpu"))
+    assert path == {"fold_batchnorm": True, "channels_last": True, "compile": False}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # a copy was folded
+    x = (torch.rand(64, 3, 32, 32) + 0.25 * torch.randn(64, 3, 32, 32))
+    with torch.no_grad():
+        plain = model(x)
+        folded = fast(x.contiguous(memory_format=torch.channels_last))
+    scale = plain.abs().max().item()
+    assert torch.allclose(folded, plain, rtol=0, atol=1e-5 * scale), (folded - plain).abs().max()
+    assert torch.equal(folded.argmax(1), plain.argmax(1))
+    # A model torch.fx cannot trace keeps its BatchNorms (and its function).
+    class Untraceable(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(x) if x.sum() > 0 else -x  # data-dependent control flow
+
+    kept = fold_batchnorm(Untraceable())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in kept.modules())

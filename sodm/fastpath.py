@@ -1,0 +1,118 @@
+"""Fast on the machine it runs on: whether the device computes bf16 natively, the memory layout,
+and the exact-math rewrites of a model for inference (BatchNorm folded into the convolutions,
+optionally `torch.compile`).
+
+Training uses bf16 autocast and channels_last where the device computes bf16 natively (a CUDA GPU
+with bf16, a CPU with AVX512-BF16 or AMX); the loss math stays fp32 (the losses cast the logits).
+Certification stays fp32 unless asked for bf16, and takes the exact-math path: channels_last and
+BatchNorm folded into the preceding convolution (identical up to fp32 rounding). The input
+normalisation is not folded into the first convolution: with zero padding that is not exact (the
+padded border would be the mean pixel instead of zero).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+
+@functools.cache
+def native_bf16(device_type: str) -> bool:
+    """Whether the device type computes bf16 in hardware (decided once per process)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
+    probes = [getattr(torch.cpu, name, None)
+              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(p is not None for p in probes):
+        return any(p() for p in probes)
+    try:  # an older torch: the kernel's CPU flags
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def precision_note(device: torch.device, amp: bool) -> str:
+    """One line for the logs: the arithmetic and layout training takes on `device`, and why."""
+    autocast, channels_last = training_precision(device, amp)
+    native = native_bf16(device.type)
+    kind = "bf16 autocast" if not isinstance(autocast, nullcontext) else "fp32"
+    why = ("native bf16 here" if native else "no native bf16 here") + ("" if amp else ", --no-amp")
+    return f"training on {device} in {kind}{' + channels_last' if channels_last else ''} ({why})"
+
+
+def training_precision(device: torch.device, amp: bool) -> tuple[object, bool]:
+    """The autocast context and whether to use channels_last for training (and everything the
+    loop runs on the classifier: evaluation, the refresher's fit) on `device`: bf16 autocast and
+    channels_last where the device computes bf16 natively and amp is on; on CUDA channels_last
+    always (its convolutions prefer it); plain fp32 otherwise."""
+    fast = amp and native_bf16(device.type)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if fast else nullcontext()
+    return autocast, fast or device.type == "cuda"
+
+
+def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode copy of model with every BatchNorm folded into the convolution before it:
+    the same function up to fp32 rounding, fewer passes over memory. Falls back to an unfolded
+    eval copy when the model cannot be traced."""
+    from torch.fx.experimental.optimization import fuse
+
+    model = copy.deepcopy(model).eval()
+    try:
+        return fuse(model)
+    except Exception:  # noqa: BLE001 - a model torch.fx cannot trace keeps its BatchNorms
+        return model
+
+
+def inference_model(model: torch.nn.Module, device: torch.device, *, fold: bool = True,
+                    channels_last: bool = True, compile: bool = False,
+                    log=None) -> tuple[torch.nn.Module, dict]:
+    """The model as certification runs it, and a record of the path taken (for provenance)."""
+    path = {"fold_batchnorm": False, "channels_last": False, "compile": False}
+    model = model.to(device).eval()
+    if fold:
+        folded = fold_batchnorm(model)
+        path["fold_batchnorm"] = not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                         for m in folded.modules())
+        model = folded
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        path["channels_last"] = True
+    if compile:
+        try:
+            compiled = torch.compile(model)
+            compiled(torch.zeros(1, *_input_shape(model), device=device).contiguous(
+                memory_format=torch.channels_last if channels_last else torch.contiguous_format))
+            model, path["compile"] = compiled, True
+        except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            path["compile_fallback"] = reason[:200]
+            if log is not None:
+                log(f"torch.compile unavailable ({reason[:200]}); certifying in eager mode")
+    return model, path
+
+
+def certify_batch(device: torch.device, input_shape) -> int:
+    """The noisy batch size certification runs at when none is given. On a GPU: Cohen et al.'s
+    (1,000 CIFAR-size images, 400 ImageNet-size). On a CPU: about 1.5 M input values a batch
+    (500 CIFAR-10 images), where a 2-core EPYC measured fastest (bench/certify_speed.py: batch
+    1,000 was 25% slower, 2,000 30%): larger batches fall out of the caches."""
+    numel = 1
+    for d in input_shape:
+        numel *= int(d)
+    if device.type == "cuda":
+        return 1000 if numel <= 3 * 32 * 32 else 400
+    return max(1, min(1000, 1_536_000 // numel))
+
+
+def _input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    """A plausible input shape for a warm-up call: the first convolution's channels, 32 px
+    (ImageNet-size models take any size of at least 32)."""
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    return conv.in_channels, 32, 32
