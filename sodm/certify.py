@@ -25,6 +25,7 @@ from sodm.checkpoint import (CheckpointError, file_hash, load_checkpoint, model_
                              read_checkpoint)
 from sodm.cluster import ClusterError, init_ray
 from sodm.data import DataError, dataset_info, load_dataset, subset_indices
+from sodm.fastpath import certify_batch, inference_model
 from sodm.metrics import COLUMNS, Results, format_table, read_results, summary
 from sodm.plots import certified_accuracy_curve
 from sodm.smoothing import Smooth, can_ever_certify, noise_generator
@@ -33,6 +34,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The field's usual certified subset: every `cohen_skip`-th test image of the data set (20 for
 # CIFAR-10, 100 for ImageNet), at most this many.
 USUAL_MAX = 500
+# More samples than any machine draws for one image (10^12: 115 days at 100,000 a second); larger
+# requests are typing mistakes, and overflow the counts' integers beyond 2^63.
+MAX_SAMPLES = 10 ** 12
 
 
 class CertifySettings(BaseModel):
@@ -40,17 +44,18 @@ class CertifySettings(BaseModel):
     at most max; skip None is the data set's usual stride, max 0 certifies nothing), the
     arithmetic (dtype) and the noise seed."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     n0: int = Field(100, ge=1, description="samples to select the top class")
-    n: int = Field(100_000, ge=1, description="samples to bound its probability")
+    n: int = Field(100_000, ge=1, le=MAX_SAMPLES, description="samples to bound its probability")
     alpha: float = Field(0.001, gt=0, lt=1)
-    batch: int = Field(1000, ge=1)
+    batch: Optional[int] = Field(None, ge=1, description="noisy batch (default: the device's best)")
     start: int = Field(0, ge=0)
     skip: Optional[int] = Field(None, ge=1, description="default: the data set's usual subset")
     max: Optional[int] = Field(USUAL_MAX, ge=0, description="at most this many images (none: all)")
     dtype: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
+    compile: bool = Field(False, description="torch.compile the model (falls back to eager, saying why)")
 
     @model_validator(mode="after")
     def _can_certify(self):
@@ -154,25 +159,27 @@ def certify_subset(smoothed: Smooth, dataset, indices: Iterable[int], settings: 
 class CertifyWorker:
     """One certification worker (a Ray actor): its own copy of the model and the data set,
     certifying chunks of image indices with `certify_one`, so its rows are the single-process
-    rows. job: {"checkpoint_bytes", "dataset", "split", "data_dir", "sigma", "dtype"}."""
+    rows. job: {"checkpoint_bytes", "dataset", "split", "data_dir", "sigma", "settings"}."""
 
     def __init__(self, job: dict):
         self.device = cli.pick_device("auto")
         ckpt = read_checkpoint(io.BytesIO(job["checkpoint_bytes"]), "the certified checkpoint",
                                self.device)
-        self.smoothed = smoothed_classifier(ckpt, job["sigma"], job["dtype"], self.device)
         self.dataset = load_dataset(job["dataset"], job["split"], job["data_dir"])
+        self.settings = with_batch(CertifySettings(**job["settings"]), self.device, self.dataset)
+        self.smoothed, self.path = smoothed_classifier(ckpt, job["sigma"], self.settings, self.device)
 
-    def certify(self, indices: list[int], settings: dict) -> list[str]:
-        s = CertifySettings(**settings)
-        return [certify_one(self.smoothed, self.dataset, i, s, self.device) for i in indices]
+    def certify(self, indices: list[int]) -> list[str]:
+        return [certify_one(self.smoothed, self.dataset, i, self.settings, self.device)
+                for i in indices]
 
 
 def certify_subset_on_ray(job: dict[str, Any], indices: Iterable[int], settings: CertifySettings,
                           *, out: Path, num_workers: int, use_gpu: bool, progress: bool = True,
                           chunk: int = 4) -> Path:
     """The same rows as `certify_subset`, computed by num_workers Ray actors (one GPU each when
-    use_gpu, one CPU otherwise) and written in index order, resumable the same way. The
+    use_gpu, one CPU otherwise) and written in index order, resumable the same way.
+    job: {"checkpoint_bytes", "dataset", "split", "data_dir", "sigma"}. The
     checkpoint travels through the object store, so workers need no shared filesystem for it
     (the data set must be readable from every worker)."""
     import ray  # the Ray edge: imported only when certification is spread over Ray
@@ -182,15 +189,14 @@ def certify_subset_on_ray(job: dict[str, Any], indices: Iterable[int], settings:
     done = _start_file(out)
     todo = [i for i in indices if i not in done]
     init_ray()
-    job_ref = ray.put(job)
+    job_ref = ray.put({**job, "settings": settings.model_dump()})
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
     actor = ray.remote(CertifyWorker)
     workers = [actor.options(**resources).remote(job_ref)
                for _ in range(min(num_workers, max(1, len(todo))))]
     chunks = [todo[k:k + chunk] for k in range(0, len(todo), chunk)]
     pool = ActorPool(workers)
-    plain = settings.model_dump()
-    rows = (line for lines in pool.map(lambda w, c: w.certify.remote(c, plain), chunks)
+    rows = (line for lines in pool.map(lambda w, c: w.certify.remote(c), chunks)
             for line in lines)  # ActorPool.map yields in submission order: rows stay in order
     try:
         return _append_rows(out, rows, len(todo), len(done), progress)
@@ -228,12 +234,21 @@ def write_provenance(out: Path, record: dict[str, Any]) -> Path:
     return path
 
 
-def smoothed_classifier(ckpt: dict, sigma: float, dtype: str, device: torch.device) -> Smooth:
-    """The smoothed classifier of a checkpoint's model at noise level sigma."""
-    model = model_from_checkpoint(ckpt, device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return Smooth(model, ckpt["model"]["num_classes"], sigma, DTYPES[dtype])
+def with_batch(settings: CertifySettings, device: torch.device, dataset) -> CertifySettings:
+    """settings with the batch size decided: as given, or the device's best for these images."""
+    if settings.batch is not None or len(dataset) == 0:
+        return settings
+    return settings.model_copy(update={"batch": certify_batch(device, dataset[0][0].shape)})
+
+
+def smoothed_classifier(ckpt: dict, sigma: float, settings: CertifySettings, device: torch.device,
+                        log: Callable[[str], None] | None = None) -> tuple[Smooth, dict]:
+    """The smoothed classifier of a checkpoint's model at noise level sigma, on the fast path
+    (BatchNorm folded, channels_last, compiled when asked), and the path it took."""
+    model, path = inference_model(model_from_checkpoint(ckpt, device), device,
+                                  compile=settings.compile, log=log)
+    smoothed = Smooth(model, ckpt["model"]["num_classes"], sigma, DTYPES[settings.dtype])
+    return smoothed, {**path, "dtype": settings.dtype}
 
 
 def certify_checkpoint(checkpoint: Path, settings: CertifySettings, out: Path, *,
@@ -241,7 +256,8 @@ def certify_checkpoint(checkpoint: Path, settings: CertifySettings, out: Path, *
                        dataset: str | None = None, data_dir: str | None = None,
                        split: str = "test", device: str = "auto", num_workers: int = 0,
                        use_gpu: bool = False, progress: bool = True, download: bool = False,
-                       subset_note: dict[str, Any] | None = None) -> Results:
+                       subset_note: dict[str, Any] | None = None,
+                       log: Callable[[str], None] | None = None) -> Results:
     """Certify a checkpoint file's smoothed classifier on settings' subset of a split into `out`
     (resumed when it holds rows of the same certification), its provenance beside it; in this
     process, or over num_workers Ray workers (one GPU each with use_gpu). sigma, dataset and
@@ -257,22 +273,30 @@ def certify_checkpoint(checkpoint: Path, settings: CertifySettings, out: Path, *
                         f"{ckpt['model']['num_classes']}")
     images = load_dataset(name, split, data_dir, download=download)
     indices = settings.indices(name, len(images))
-    where = (f"ray: {num_workers} {'GPU' if use_gpu else 'CPU'} workers" if num_workers
-             else str(cli.pick_device(device)))
+    if not indices and settings.max != 0:
+        raise DataError(f"no image to certify: the subset starts at {settings.start}, and the "
+                        f"{split} split of {name} has {len(images)} images")
+    if num_workers:
+        where = f"ray: {num_workers} {'GPU' if use_gpu else 'CPU'} workers"
+        path = {"fold_batchnorm": True, "channels_last": True, "compile": settings.compile,
+                "dtype": settings.dtype, "note": "as asked of the workers"}
+    else:
+        torch_device = cli.pick_device(device)
+        where = str(torch_device)
+        settings = with_batch(settings, torch_device, images)
+        smoothed, path = smoothed_classifier(ckpt, sigma, settings, torch_device, log)
     write_provenance(out, provenance(
         checkpoint=str(checkpoint.resolve()), checkpoint_sha256=file_hash(checkpoint),
         dataset=name, split=split, subset={**settings.subset(name, len(indices)), **(subset_note or {})},
         n0=settings.n0, n=settings.n, alpha=settings.alpha, sigma=sigma, batch=settings.batch,
-        dtype=settings.dtype, seed=settings.seed, device=where))
+        dtype=settings.dtype, seed=settings.seed, device=where, path=path))
     if num_workers:
         job = {"checkpoint_bytes": checkpoint.read_bytes(), "dataset": name, "split": split,
                "data_dir": str(Path(data_dir).expanduser().resolve()) if data_dir else None,
-               "sigma": sigma, "dtype": settings.dtype}
+               "sigma": sigma}
         certify_subset_on_ray(job, indices, settings, out=out, num_workers=num_workers,
                               use_gpu=use_gpu, progress=progress)
     else:
-        torch_device = cli.pick_device(device)
-        smoothed = smoothed_classifier(ckpt, sigma, settings.dtype, torch_device)
         certify_subset(smoothed, images, indices, settings, out=out, device=torch_device,
                        progress=progress)
     return read_results(out)
@@ -313,10 +337,14 @@ def main(argv=None) -> int:
     p.add_argument("--n0", type=int, default=defaults.n0)
     p.add_argument("--n", type=int, default=defaults.n)
     p.add_argument("--alpha", type=float, default=defaults.alpha)
-    p.add_argument("--batch", type=int, default=defaults.batch)
+    p.add_argument("--batch", type=int, default=defaults.batch,
+                   help="noisy batch size (default: the device's best, 500 CIFAR-10 images on a "
+                        "CPU, 1000 on a GPU)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--dtype", choices=tuple(DTYPES), default=defaults.dtype,
                    help="bf16 is an opt-in speed mode; it changes the function being certified")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (falls back to eager mode, saying why)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--num-workers", type=int, default=None,
@@ -325,17 +353,27 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.num_workers is not None and args.num_workers < 1:
         raise cli.UsageError(f"--num-workers must be >= 1, got {args.num_workers}")
-    if args.sigma is not None and not args.sigma > 0:
-        raise cli.UsageError(f"--sigma must be > 0, got {args.sigma}")
+    if args.sigma is not None and not 0 < args.sigma < float("inf"):
+        raise cli.UsageError(f"--sigma must be a positive number, got {args.sigma}")
     if args.preset == "cohen500":  # the data set's usual stride (skip None), at most USUAL_MAX
         subset = {"skip": args.skip, "max": USUAL_MAX if args.max is None else args.max}
     else:
         subset = {"skip": args.skip or 1, "max": args.max}
     try:
         settings = CertifySettings(n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch,
-                                   start=args.start, dtype=args.dtype, seed=args.seed, **subset)
+                                   start=args.start, dtype=args.dtype, seed=args.seed,
+                                   compile=args.compile, **subset)
     except ValidationError as e:
         raise cli.UsageError(cli.format_validation_error(e).replace("config: ", "")) from None
+    for flag, value in (("--dataset", args.dataset), ("--data-dir", args.data_dir)):
+        if value is not None and not value.strip():
+            raise cli.UsageError(f"{flag} is empty; leave it out to use the checkpoint's")
+    if args.out.is_dir():
+        raise cli.UsageError(f"--out {args.out} is a folder; name the results file in it")
+    try:  # the results' folder is made (or refused) before any work
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cli.UsageError(f"--out {args.out}: cannot create its folder ({e.strerror or e})") from None
     try:
         ckpt = load_checkpoint(args.checkpoint)
         if args.sigma is not None and abs(args.sigma - ckpt["sigma"]) > 1e-12:
@@ -347,7 +385,8 @@ def main(argv=None) -> int:
             data_dir=args.data_dir, split=args.split, device=args.device,
             num_workers=args.num_workers or 0, use_gpu=args.use_gpu,
             progress=not args.no_progress, download=args.download,
-            subset_note={"preset": args.preset})
+            subset_note={"preset": args.preset},
+            log=lambda line: print(f"sodm.certify: note: {line}", file=sys.stderr))
     except (CheckpointError, DataError, ClusterError) as e:
         raise cli.UsageError(str(e)) from None
     print(format_table({args.out.stem: results}))

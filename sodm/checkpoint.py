@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,12 @@ def read_checkpoint(source, name: str, map_location="cpu") -> dict[str, Any]:
     """A checkpoint from a file or a buffer, checked to hold every entry (never unpickling
     anything but plain values and tensors); `name` says which in an error."""
     try:
-        ckpt = torch.load(source, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles on stderr; we refuse them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for a corrupt or foreign file
-        raise CheckpointError(f"cannot read checkpoint {name}: {str(e).splitlines()[0]}") from None
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {name}: {why}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{name} is not a sodm checkpoint (format {FORMAT})")
     missing = [k for k in REQUIRED if k not in ckpt]

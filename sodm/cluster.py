@@ -113,6 +113,8 @@ def package_size(directory: Path) -> tuple[int, list[tuple[int, str]]]:
 
 
 def check_workdir(directory: Path, limit_mib: float = DEFAULT_LIMIT_MIB) -> str:
+    if not (limit_mib > 0 and limit_mib != float("inf")):
+        raise cli.UsageError(f"--limit-mib must be a positive number of MiB, got {limit_mib}")
     if not directory.is_dir():
         raise cli.UsageError(f"{directory} is not a directory")
     size, largest = package_size(directory)

@@ -37,6 +37,11 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
                    certify={"max": 100, "n": 2000}, weight_decay=0.0),
 }
 
+# Each method's published settings where they differ from the data set's (SODM's) defaults:
+# Gaussian augmentation and SmoothAdv train on one noisy copy per input (Cohen et al. 2019;
+# Salman et al. 2019's default m = 1). MACER takes the data set's n (16 on CIFAR-10, its own).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"gaussian": {"n": 1}, "smoothadv": {"n": 1}}
+
 # The flat keys that configs, space files and checkpoints written before CertifySettings used.
 FLAT_CERT_KEYS = {"cert_n0": "n0", "cert_n": "n", "cert_alpha": "alpha", "cert_batch": "batch",
                   "cert_skip": "skip", "cert_max": "max"}
@@ -61,7 +66,7 @@ class Resources(BaseModel):
     fields: TrainConfig has them, and a space file's `resources` section (plus the trial's own
     driver share)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     num_workers: int = Field(0, ge=0, description="Ray Train workers (0: in-process, no Ray)")
     use_gpu: bool = False
@@ -95,7 +100,9 @@ class TrainConfig(Resources):
     lr_gamma: float = Field(0.1, gt=0)
     train_subset: Optional[int] = Field(None, ge=1, description="train on the first k of a fixed permutation")
     augment: bool = True  # random crop and flip for CIFAR-10 (on the device)
-    amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
+    # bf16 autocast and channels_last where the device computes bf16 natively (a GPU with bf16, a
+    # CPU with AVX512-BF16 or AMX); fp32 elsewhere. The loss math stays fp32.
+    amp: bool = True
     time_budget_s: Optional[float] = Field(None, gt=0, description="stop training after this many seconds")
     init_checkpoint: Optional[str] = None  # start from these weights (e.g. a common Gaussian model)
     # the noise copies and the SODM objective
@@ -176,11 +183,13 @@ class ConfigError(ValueError):
 
 
 def make_config(**values: Any) -> TrainConfig:
-    """The paper's defaults for values['dataset'] (digits if absent), overridden by `values`."""
+    """The paper's defaults for values['dataset'] (digits if absent) and the method's published
+    ones (METHOD_DEFAULTS), overridden by `values`."""
     dataset = values.get("dataset", "digits")
     if dataset not in DATASETS:
         raise ConfigError(f"dataset: unknown data set {dataset!r}; known: {', '.join(DATASETS)}")
-    defaults, values = PAPER_DEFAULTS[dataset], nest_cert_keys(values)
+    defaults = {**PAPER_DEFAULTS[dataset], **METHOD_DEFAULTS.get(values.get("method", "sodm"), {})}
+    values = nest_cert_keys(values)
     merged = {**defaults, **values}
     if "certify" in values and isinstance(values["certify"], dict):
         merged["certify"] = {**defaults.get("certify", {}), **values["certify"]}

@@ -128,14 +128,20 @@ class RefresherActor:
         return self.core.version
 
 
+class RefresherLost(RuntimeError):
+    """The refresher actor of a synchronous (deterministic) run died."""
+
+
 class RemoteRefresher:
     """Rank 0's handle on the refresher actor, with the in-process refresher's interface.
 
     Asynchronous by default: `refresh` hands over the weights (one object-store put) unless an
     update is still running, and returns the newest finished mapping; training never waits for an
     update. Synchronous (`synchronous=True`): it waits for each update, which makes runs
-    deterministic. If the actor dies, Ray restarts it and it is reloaded from the state of the last
-    checkpoint; each recovery is logged."""
+    deterministic. If the actor dies, Ray restarts it. Asynchronous: it is reloaded from the state
+    of the last checkpoint and training goes on (each recovery logged). Synchronous: the attempt
+    fails and Ray Train restarts the workers from the last checkpoint, refresher state included,
+    so that the run stays the same run."""
 
     def __init__(self, handle, synchronous: bool = False, log: Callable[[str], None] = print):
         self.handle, self.synchronous, self.log = handle, synchronous, log
@@ -144,6 +150,7 @@ class RemoteRefresher:
         self.skipped = 0  # refreshes not started because the previous one was still running
         self.recoveries = 0
         self._checkpointed: dict | None = None
+        self._unsaved = 0  # updates handed over since the state was last checkpointed or loaded
 
     def _call(self, method: str, *args, retries: int = 30):
         for attempt in range(retries):
@@ -156,6 +163,12 @@ class RemoteRefresher:
         raise RuntimeError(f"the mapping refresher did not come back after {retries} attempts")
 
     def _recover(self, error) -> None:
+        if self.synchronous and self._unsaved:
+            # A deterministic run cannot go on with a mapping that lost the updates since the
+            # last checkpoint: fail this attempt, so that Ray Train restarts the workers from
+            # that checkpoint, which also restores the refresher's state (the same run again).
+            raise RefresherLost(f"the mapping refresher died ({type(error).__name__}); restarting "
+                                "from the last checkpoint") from None
         try:
             if self._checkpointed is not None:
                 version = ray.get(self.handle.load_state_dict.remote(self._checkpointed))
@@ -175,6 +188,7 @@ class RemoteRefresher:
         if self.pending is None:
             weights = ray.put({k: v.detach().cpu() for k, v in classifier_state.items()})
             self.pending = self.handle.update.remote(weights, beta)
+            self._unsaved += 1
             if self.synchronous:
                 self._finish()
         else:
@@ -194,10 +208,11 @@ class RemoteRefresher:
 
     def state_dict(self) -> dict:
         self._checkpointed = self._call("state_dict")
+        self._unsaved = 0
         return self._checkpointed
 
     def load_state_dict(self, state: dict) -> None:
-        self._checkpointed = state
+        self._checkpointed, self._unsaved = state, 0
         self.version = self._call("load_state_dict", state)
 
 
@@ -218,6 +233,11 @@ def _worker(config: dict) -> None:
           log=lambda s: print(s, flush=True), on_epoch=on_epoch)
 
 
+def run_storage(cfg: TrainConfig, run_name: str = RUN_NAME) -> str:
+    """Where a Ray Train run of cfg keeps its checkpoints (a local path or a URI)."""
+    return storage_join(cfg.storage or str(Path(cfg.out_dir).expanduser().resolve()), run_name)
+
+
 def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print,
         certify: bool = True, run_name: str = RUN_NAME, callbacks: list | None = None,
         tracking: dict | None = None) -> dict[str, Any]:
@@ -228,8 +248,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = 
     {"uri", "run_id"} of the MLflow run that rank 0 logs every epoch to."""
     out_dir = Path(cfg.out_dir).expanduser().resolve()
     storage = cfg.storage or str(out_dir)  # Ray Train's checkpoints: a local path or a URI
-    if storage_exists(storage_join(storage, run_name)) and not resume:
-        raise ConfigError(f"{storage_join(storage, run_name)} already holds a run; resume it "
+    if storage_exists(run_storage(cfg, run_name)) and not resume:
+        raise ConfigError(f"{run_storage(cfg, run_name)} already holds a run; resume it "
                           "(--resume) or use another out_dir/storage")
     check_writable(storage)
     if cfg.batch_size % cfg.num_workers:

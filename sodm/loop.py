@@ -20,18 +20,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.profiler import record_function
 
 from sodm import cli
 from sodm.certify import certify_run
 from sodm.checkpoint import CheckpointError, load_checkpoint, run_config, save_checkpoint
 from sodm.config import ConfigError, TrainConfig
 from sodm.data import TrainData, dataset_info, load_dataset, load_tensors, subset_indices
+from sodm.fastpath import precision_note, training_precision
 from sodm.losses import LossOutput, gaussian_loss, macer_loss, smoothadv_attack, sodm_loss
 from sodm.mapping import build_mapping
 from sodm.models import build_described, describe_model
 from sodm.refresher import MappingRefresher, needs_refresher
 from sodm.smoothing import Smooth, noise_generator
 
+# How often a step checks that the loss is finite (reading it waits for the device).
+FINITE_CHECK_STEPS = 25
 # Config keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = {"epochs", "device", "progress", "time_budget_s", "certify", "eval_count",
                      "data_dir", "out_dir", "storage", "max_failures"}
@@ -41,44 +45,54 @@ def compute_loss(cfg: TrainConfig, model, x, y, noise_gen, mapping, beta, autoca
                  channels_last=False) -> tuple[LossOutput, torch.Tensor]:
     """The loss of one batch for cfg.method, and the logits (batch, n, K) of its noisy copies."""
     b = len(y)
-    noise = torch.randn((b, cfg.n, *x.shape[1:]), generator=noise_gen, device=x.device).mul_(cfg.sigma)
+    with record_function("sodm.noise"):  # the labels name the step's parts in a profile
+        noise = torch.randn((b, cfg.n, *x.shape[1:]), generator=noise_gen, device=x.device)
+        noise.mul_(cfg.sigma)
     if cfg.method == "smoothadv":
-        x = smoothadv_attack(model, x, y, noise, cfg.smoothadv_eps, cfg.smoothadv_steps)
+        with record_function("sodm.attack"), autocast:  # the attack takes the training arithmetic
+            x = smoothadv_attack(model, x, y, noise, cfg.smoothadv_eps, cfg.smoothadv_steps)
     noisy = (x.unsqueeze(1) + noise).flatten(0, 1)
     if channels_last:
         noisy = noisy.contiguous(memory_format=torch.channels_last)
-    with autocast:
+    with record_function("sodm.forward"), autocast:
         logits = model(noisy).view(b, cfg.n, -1).float()
+    with record_function("sodm.loss"):
+        return _method_loss(cfg, logits, y, mapping, beta), logits
+
+
+def _method_loss(cfg: TrainConfig, logits, y, mapping, beta) -> LossOutput:
     if cfg.method == "sodm":
-        return sodm_loss(logits, y, beta=beta, rho=cfg.rho, mapping=mapping), logits
+        return sodm_loss(logits, y, beta=beta, rho=cfg.rho, mapping=mapping)
     if cfg.method == "macer":
         return macer_loss(logits, y, cfg.sigma, cfg.macer_gamma, cfg.macer_lbd,
-                          inverse_temperature=cfg.macer_beta, rho=cfg.rho), logits
-    return gaussian_loss(logits, y, cfg.rho), logits
+                          inverse_temperature=cfg.macer_beta, rho=cfg.rho)
+    return gaussian_loss(logits, y, cfg.rho)
 
 
 @torch.no_grad()
-def evaluate(model, x, y, sigma: float, seed: int, batch: int = 500) -> tuple[float, float]:
+def evaluate(model, x, y, sigma: float, seed: int, batch: int = 500,
+             autocast=nullcontext()) -> tuple[float, float]:
     """Clean accuracy and accuracy under one draw of noise (fixed by seed) on (x, y)."""
     model.eval()
     gen = torch.Generator(device=x.device).manual_seed(seed)
     clean = noisy = 0
-    for xb, yb in zip(x.split(batch), y.split(batch)):
-        clean += (model(xb).argmax(1) == yb).sum().item()
-        noise = torch.randn(xb.shape, generator=gen, device=x.device).mul_(sigma)
-        noisy += (model(xb + noise).argmax(1) == yb).sum().item()
+    with autocast:  # a channels_last model takes contiguous batches (see sodm.smoothing.Smooth)
+        for xb, yb in zip(x.split(batch), y.split(batch)):
+            clean += (model(xb).argmax(1) == yb).sum().item()
+            noise = torch.randn(xb.shape, generator=gen, device=x.device).mul_(sigma)
+            noisy += (model(xb + noise).argmax(1) == yb).sum().item()
     model.train()
     return clean / len(y), noisy / len(y)
 
 
-def acr_quick(model, x, y, cfg: TrainConfig, num_classes: int) -> float:
+def acr_quick(model, x, y, cfg: TrainConfig, num_classes: int, bf16: bool = False) -> float:
     """A quick ACR on a fixed small subset with small N, for schedulers; never reported as ACR."""
     model.eval()
-    smooth = Smooth(model, num_classes, cfg.sigma)
+    smooth = Smooth(model, num_classes, cfg.sigma, torch.bfloat16 if bf16 else torch.float32)
     total = 0.0
     for i in range(len(y)):
         prediction, radius = smooth.certify(x[i], min(64, cfg.acr_quick_n), cfg.acr_quick_n,
-                                            cfg.certify.alpha, cfg.certify.batch,
+                                            cfg.certify.alpha, cfg.acr_quick_n,
                                             noise_generator(cfg.seed, i, x.device))
         total += radius if prediction == int(y[i]) else 0.0
     model.train()
@@ -176,20 +190,27 @@ class TrainState:
         return needs_refresher(self.cfg)
 
 
-def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, beta: float) -> dict[str, float]:
-    """One optimizer step on the batch's n noise copies; the batch's statistics for the logs."""
-    cfg = state.cfg
-    out, logits = compute_loss(cfg, state.net, x, y, state.noise_gen, state.mapping, beta,
+def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor,
+               beta: float) -> dict[str, torch.Tensor]:
+    """One optimizer step on the batch's n noise copies; the batch's statistics for the logs, as
+    0-dim tensors on the device (nothing here waits for the device)."""
+    out, logits = compute_loss(state.cfg, state.net, x, y, state.noise_gen, state.mapping, beta,
                                state.autocast, state.channels_last)
-    if not math.isfinite(loss_value := out.loss.item()):
-        raise FloatingPointError(f"non-finite {cfg.method} loss {loss_value} at step "
-                                 f"{state.step + 1}; lower lr or beta")
     state.optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
-    state.optimizer.step()
+    with record_function("sodm.backward"):
+        out.loss.backward()
+    with record_function("sodm.optimizer"):
+        state.optimizer.step()
     state.step += 1
-    return {"loss": loss_value, **out.stats,
-            "train_noisy_acc": (logits.argmax(-1) == y[:, None]).float().mean().item()}
+    return {"loss": out.loss.detach(), **out.stats,
+            "train_noisy_acc": (logits.detach().argmax(-1) == y[:, None]).float().mean()}
+
+
+def check_finite(state: TrainState, loss_sum: torch.Tensor) -> None:
+    """Stop a run whose loss went non-finite (a host sync: called every FINITE_CHECK_STEPS)."""
+    if not math.isfinite(value := float(loss_sum)):
+        raise FloatingPointError(f"non-finite {state.cfg.method} loss ({value}) by step "
+                                 f"{state.step}; lower lr or beta")
 
 
 def refresh_mapping(state: TrainState, beta: float) -> None:
@@ -206,7 +227,8 @@ def train_epoch(state: TrainState, epoch: int,
     schedule's step. Returns the epoch's record of training statistics, averaged over ranks."""
     cfg, session = state.cfg, state.session
     beta = cfg.beta_at(epoch)
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
+    samples = 0
     refresh_wait = 0.0
     epoch_start = time.perf_counter()
     batches = state.data.epoch(epoch, state.aug_gen)
@@ -218,11 +240,14 @@ def train_epoch(state: TrainState, epoch: int,
     for x, y in batches:
         stats = train_step(state, x, y, beta)
         for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + v * len(y)
-        sums["samples"] = sums.get("samples", 0.0) + len(y)
+            sums[k] = sums[k] + v * len(y) if k in sums else v * len(y)
+        samples += len(y)
+        if state.step % FINITE_CHECK_STEPS == 0:
+            check_finite(state, sums["loss"])
         if state.dynamic and state.step % cfg.m == 0:
             t = time.perf_counter()
-            refresh_mapping(state, beta)
+            with record_function("sodm.refresh"):
+                refresh_mapping(state, beta)
             refresh_wait += time.perf_counter() - t
         if on_step is not None:
             on_step(epoch, state.step)
@@ -233,7 +258,11 @@ def train_epoch(state: TrainState, epoch: int,
     state.scheduler.step()
     seconds = time.perf_counter() - epoch_start
     state.train_seconds += seconds
-    sums = session.all_reduce_sum(sums)
+    if sums:
+        check_finite(state, sums["loss"])
+    # One host sync for the epoch's statistics, then summed over ranks.
+    sums = dict(zip(sums, torch.stack(list(sums.values())).tolist())) if sums else {}
+    sums = session.all_reduce_sum({**sums, "samples": float(samples)})
     seen = max(sums.pop("samples", 0.0), 1.0)
     record = {"epoch": epoch + 1, "step": state.step, **{k: v / seen for k, v in sums.items()},
               "lr": state.optimizer.param_groups[0]["lr"], "beta": beta, "seconds": seconds,
@@ -254,13 +283,13 @@ def build_state(cfg: TrainConfig, session, refresher=None) -> TrainState:
     schedule, this rank's data shard and its noise and augmentation streams, the mapping and,
     on rank 0 of a run that refreshes its mapping, the refresher (in-process unless given)."""
     device, rank, world = session.device, session.rank, session.world_size
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    autocast, channels_last = training_precision(device, cfg.amp)
     info = dataset_info(cfg.dataset)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_described(model_description(cfg)).to(device)
-    if cuda:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -278,8 +307,8 @@ def build_state(cfg: TrainConfig, session, refresher=None) -> TrainState:
     return TrainState(
         cfg=cfg, session=session, model=model, net=model, optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones, cfg.lr_gamma),
-        data=data, mapping=mapping, refresher=refresher, channels_last=cuda,
-        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext(),
+        data=data, mapping=mapping, refresher=refresher, channels_last=channels_last,
+        autocast=autocast,
         # A distinct, seeded noise (and augmentation) stream per rank, saved in every checkpoint.
         noise_gen=torch.Generator(device=device).manual_seed(cfg.seed + 1_000 * rank),
         aug_gen=torch.Generator(device=device).manual_seed(cfg.seed + 1_000 * rank + 1))
@@ -363,7 +392,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
         init = load_checkpoint(cfg.init_checkpoint, map_location=session.device)
         if init["model"]["arch"] != cfg.arch:
             raise CheckpointError(f"init_checkpoint is a {init['model']['arch']}, not a {cfg.arch}")
-        state.model.load_state_dict(init["state_dict"])
+        try:
+            state.model.load_state_dict(init["state_dict"])
+        except RuntimeError as e:
+            raise CheckpointError(f"init_checkpoint weights do not match {cfg.arch}: "
+                                  f"{str(e).strip().splitlines()[0]}") from None
         if session.is_main:
             log(f"initialised from {cfg.init_checkpoint}")
     if state.dynamic:
@@ -375,16 +408,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
     if session.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2) + "\n")
+        log(f"{cfg.method}: n = {cfg.n} noise copies per input; {precision_note(session.device, cfg.amp)}")
     state.net.train()
     for epoch in range(start_epoch, cfg.epochs):
         if state.budget_spent:
             break
         record = train_epoch(state, epoch, on_step)
         if session.is_main:
-            clean, noisy = evaluate(state.model, test_x, test_y, cfg.sigma, cfg.seed)
+            bf16 = not isinstance(state.autocast, nullcontext)
+            clean, noisy = evaluate(state.model, test_x, test_y, cfg.sigma, cfg.seed,
+                                    autocast=state.autocast)
             record.update(test_clean_acc=clean, test_noisy_acc=noisy, acr_quick=acr_quick(
                 state.model, test_x[: cfg.acr_quick_count], test_y[: cfg.acr_quick_count], cfg,
-                cfg.num_classes))
+                cfg.num_classes, bf16))
             state.history.append(record)
         save(state, epoch + 1, record, out_dir)
         if session.is_main:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from sodm import cli
 from sodm.certify import CertifySettings
 from sodm.checkpoint import CheckpointError
-from sodm.cluster import ClusterError, StorageError
+from sodm.cluster import ClusterError, StorageError, storage_exists
 from sodm.config import FLAT_CERT_KEYS, ConfigError, TrainConfig, make_config
 from sodm.data import DataError, load_dataset
 from sodm.loop import train
@@ -36,7 +37,8 @@ def _parser() -> cli.ArgumentParser:
         else:
             p.add_argument(flag, dest=name, default=None, metavar=name.upper(),
                            help=field.description)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out-dir (refused when there is none there)")
     return p
 
 
@@ -58,13 +60,28 @@ def main(argv=None) -> int:
              if v is not None}
     try:
         cfg = make_config(**given)
+        out_dir = Path(cfg.out_dir).expanduser()
+        try:  # a folder that cannot be made is refused before any work
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise cli.UsageError(f"--out-dir {out_dir}: cannot create it ({e.strerror or e})") from None
         if cfg.dataset != "digits":
             load_dataset(cfg.dataset, "test", cfg.data_dir, download=cfg.download)
         if cfg.num_workers > 0:
             from sodm import distributed  # Ray is imported only for a Ray Train run
 
+            run_path = distributed.run_storage(cfg)
+            if resume and not storage_exists(run_path):
+                raise cli.UsageError(f"--resume: {Path(cfg.out_dir).expanduser().resolve()} holds "
+                                     f"no run to resume ({run_path} does not exist); check the "
+                                     "folder, or drop --resume to start a new run")
             distributed.run(cfg, resume=resume)
         else:
+            ckpt = Path(cfg.out_dir).expanduser().resolve() / "checkpoint.pt"
+            if resume and not ckpt.exists():
+                raise cli.UsageError(f"--resume: {ckpt.parent} holds no run to resume (no "
+                                     f"{ckpt.name}); check the folder, or drop --resume to start "
+                                     "a new run")
             train(cfg, resume=resume)
     except (ConfigError, DataError, CheckpointError, StorageError, ClusterError) as e:
         raise cli.UsageError(str(e)) from None

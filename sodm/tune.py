@@ -352,7 +352,9 @@ def main(argv=None) -> int:
                    help="local folder for summaries and certifications (default: under a local "
                         "--storage, else ./sodm_work)")
     p.add_argument("--name", default=None, help="the search's name (default: the space's name)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted search, or start it when there is none yet (so "
+                        "that a retried job can always pass --resume)")
     p.add_argument("--check", action="store_true", help="validate the space file and exit")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base key, e.g. --set data_dir=/mnt/shared/cifar10 (repeatable)")

@@ -25,6 +25,8 @@ def test_certify_writes_rows_provenance_and_resumes(digits_checkpoint, tmp_path,
     assert (first.radius[first.predict >= 0] > 0).all()
     record = json.loads((tmp_path / "r.tsv.json").read_text())
     assert record["n"] == 500 and record["subset"]["skip"] == 36 and record["dtype"] == "fp32"
+    assert record["path"] == {"fold_batchnorm": True, "channels_last": True, "compile": False,
+                              "dtype": "fp32"}  # the fast exact-math path, recorded
     assert len(record["checkpoint_sha256"]) == 64
     assert "ACR" in capsys.readouterr().out
 
@@ -56,8 +58,12 @@ def test_analyze_prints_row_and_writes_curve(digits_checkpoint, tmp_path, capsys
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--sigma", "0"], "--sigma must be > 0"),
-    (["--sigma", "-0.5"], "--sigma must be > 0"),
+    (["--sigma", "0"], "--sigma must be a positive number"),
+    (["--sigma", "inf"], "--sigma must be a positive number"),
+    (["--n", "99999999999999999999999"], "n: Input should be less than or equal to"),
+    (["--start", "100000"], "no image to certify"),
+    (["--dataset", ""], "--dataset is empty"),
+    (["--sigma", "-0.5"], "--sigma must be a positive number"),
     (["--n0", "200", "--n", "100"], "n0 (200) must not exceed n (100)"),
     (["--alpha", "0"], "alpha: Input should be greater than 0"),
     (["--alpha", "1.5"], "alpha: Input should be less than 1"),
@@ -118,3 +124,17 @@ def test_bad_cluster_arguments(digits_checkpoint, tmp_path, capsys, monkeypatch)
     assert run_certify(*base, "--num-workers", 2) == 2
     err = capsys.readouterr().err
     assert "unreachable" in err and len(err.strip().splitlines()) == 1
+
+
+def test_out_folder_is_made_or_refused_before_any_work(digits_checkpoint, tmp_path, capsys):
+    base = ["--checkpoint", digits_checkpoint, "--max", 2, "--n0", 20, "--n", 100, "--no-progress"]
+    out = tmp_path / "new" / "deeper" / "r.tsv"
+    assert run_certify(*base, "--out", out) == 0
+    assert len(out.read_text().splitlines()) == 3 and (out.parent / "r.tsv.json").exists()
+    (tmp_path / "a-file").write_text("")
+    for bad, message in ((tmp_path / "a-file" / "r.tsv", "cannot create its folder"),
+                         (tmp_path, "is a folder")):
+        capsys.readouterr()
+        assert run_certify(*base, "--out", bad) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

@@ -113,7 +113,7 @@ def test_certification_spread_over_workers_gives_the_same_rows(local_ray, digits
     from sodm.smoothing import Smooth
 
     job = {"checkpoint_bytes": digits_checkpoint.read_bytes(), "dataset": "digits", "split": "test",
-           "data_dir": None, "sigma": 0.25, "dtype": "fp32"}
+           "data_dir": None, "sigma": 0.25}
     indices = list(range(0, 360, 30))
     settings = CertifySettings(n0=20, n=300, alpha=0.001, batch=150, seed=5)
     certify_subset_on_ray(job, indices, settings, out=tmp_path / "one.tsv", num_workers=1,

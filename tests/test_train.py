@@ -158,6 +158,7 @@ def test_train_cli_uses_ray_train_with_workers(tmp_path, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(distributed, "run", lambda cfg, resume: seen.update(cfg=cfg, resume=resume))
+    (tmp_path / "ray_train").mkdir()  # a run to resume
     code = cli.run(train_mod.main, "sodm.train", ["--out-dir", str(tmp_path), "--num-workers", "2",
                                                    "--refresher-sync", "--resume"])
     assert code == 0
@@ -188,3 +189,42 @@ def test_configs_and_checkpoints_written_before_still_read(tmp_path):
     # A checkpoint of an earlier version kept sigma in its config too (and flat cert_* keys).
     ckpt["config"] = {**old, "sigma": 0.5, "out_dir": cfg.out_dir}
     assert TrainConfig(**run_config(ckpt)).sigma == 0.5
+
+
+def test_resume_with_nothing_to_resume_is_refused(tmp_path, capsys):
+    empty = tmp_path / "typo"
+    empty.mkdir()
+    assert cli.run(train_mod.main, "sodm.train", ["--out-dir", str(empty), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert str(empty) in err and "no run to resume" in err and "checkpoint.pt" in err
+    assert len(err.strip().splitlines()) == 1 and not (empty / "checkpoint.pt").exists()
+    # The same with Ray Train workers: the run's storage is named.
+    assert cli.run(train_mod.main, "sodm.train", ["--out-dir", str(empty), "--resume",
+                                                   "--num-workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "no run to resume" in err and "ray_train" in err and len(err.strip().splitlines()) == 1
+
+
+def test_each_method_defaults_to_its_published_noise_copies(tmp_path, capsys):
+    assert make_config(dataset="digits", method="gaussian").n == 1  # Cohen et al.
+    assert make_config(dataset="digits", method="smoothadv").n == 1  # Salman et al.'s default
+    assert make_config(dataset="digits", method="sodm").n == 8
+    assert make_config(dataset="digits", method="gaussian", n=4).n == 4  # a given n wins
+    cifar = dict(dataset="cifar10", data_dir=str(tmp_path))
+    assert make_config(**cifar, method="gaussian").n == 1
+    assert make_config(**cifar, method="sodm").n == make_config(**cifar, method="macer").n == 16
+    # ...and the log says which n a run used.
+    code = cli.run(train_mod.main, "sodm.train", [
+        "--out-dir", str(tmp_path / "g"), "--method", "gaussian", "--epochs", "1",
+        "--train-subset", "64", "--eval-count", "20", "--acr-quick-count", "2",
+        "--acr-quick-n", "16", "--cert-max", "0", "--no-progress"])
+    assert code == 0 and "gaussian: n = 1 noise copies per input" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "inf"), ("--sigma", "nan"), ("--rho", "nan"),
+                                        ("--cert-alpha", "nan"), ("--beta", "inf")])
+def test_non_finite_values_are_refused(flag, value, capsys):
+    assert cli.run(train_mod.main, "sodm.train", [flag, value]) == 2
+    err = capsys.readouterr().err
+    assert flag.removeprefix("--").replace("-", "_").removeprefix("cert_") in err
+    assert len(err.strip().splitlines()) == 1
