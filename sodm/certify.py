@@ -24,7 +24,7 @@ from sodm import __version__, cli
 from sodm.checkpoint import (CheckpointError, file_hash, load_checkpoint, model_from_checkpoint,
                              read_checkpoint)
 from sodm.cluster import ClusterError, init_ray
-from sodm.data import DataError, dataset_info, load_dataset, subset_indices
+from sodm.data import VALIDATION_SEED, DataError, dataset_info, load_dataset, subset_indices
 from sodm.fastpath import certify_batch, inference_model
 from sodm.metrics import COLUMNS, Results, format_table, read_results, summary
 from sodm.plots import certified_accuracy_curve
@@ -285,8 +285,13 @@ def certify_checkpoint(checkpoint: Path, settings: CertifySettings, out: Path, *
         where = str(torch_device)
         settings = with_batch(settings, torch_device, images)
         smoothed, path = smoothed_classifier(ckpt, sigma, settings, torch_device, log)
+    trained = ckpt.get("config", {})
+    selection = ({"validation_split": {"val_size": trained.get("val_size") or info.val_size,
+                                       "seed": VALIDATION_SEED, "of": "the training split"}}
+                 if "val_size" in trained else None)  # runs from before the split selected on test
     write_provenance(out, provenance(
         checkpoint=str(checkpoint.resolve()), checkpoint_sha256=file_hash(checkpoint),
+        model_selection=selection,
         dataset=name, split=split, subset={**settings.subset(name, len(indices)), **(subset_note or {})},
         n0=settings.n0, n=settings.n, alpha=settings.alpha, sigma=sigma, batch=settings.batch,
         dtype=settings.dtype, seed=settings.seed, device=where, path=path))

@@ -99,6 +99,8 @@ class TrainConfig(Resources):
     lr_milestones: list[int] = [10]
     lr_gamma: float = Field(0.1, gt=0)
     train_subset: Optional[int] = Field(None, ge=1, description="train on the first k of a fixed permutation")
+    val_size: Optional[int] = Field(None, ge=1, description="training images set aside for validation "
+                                    "(per-epoch metrics, schedulers, selection); default: the data set's")
     augment: bool = True  # random crop and flip for CIFAR-10 (on the device)
     # bf16 autocast and channels_last where the device computes bf16 natively (a GPU with bf16, a
     # CPU with AVX512-BF16 or AMX); fp32 elsewhere. The loss math stays fp32.
@@ -125,7 +127,7 @@ class TrainConfig(Resources):
     smoothadv_steps: int = Field(10, ge=0)
     # evaluation during training and certification at the end (the flat cert_* keys of earlier
     # configs are read into `certify`)
-    eval_count: int = Field(500, ge=1, description="test images for clean/noisy accuracy per epoch")
+    eval_count: int = Field(500, ge=1, description="validation images for clean/noisy accuracy per epoch")
     acr_quick_count: int = Field(50, ge=1)
     acr_quick_n: int = Field(256, ge=10)
     certify: CertifySettings = CertifySettings()
@@ -172,6 +174,11 @@ class TrainConfig(Resources):
         if self.beta_milestone is not None and epoch >= self.beta_milestone:
             return self.beta * self.beta_factor
         return self.beta
+
+    @property
+    def validation_size(self) -> int:
+        """The validation split's size: val_size, or the data set's default."""
+        return self.val_size or dataset_info(self.dataset).val_size
 
     @property
     def num_classes(self) -> int:

@@ -37,17 +37,21 @@ class DatasetInfo:
     std: tuple[float, ...]
     default_arch: str
     cohen_skip: int  # the field's usual certification subset: every cohen_skip-th test image
+    val_size: int  # training images set aside for validation (model and epoch selection)
 
 
 INFO = {
     "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465),
-                           (0.2023, 0.1994, 0.2010), "cifar_resnet110", 20),
+                           (0.2023, 0.1994, 0.2010), "cifar_resnet110", 20, 5_000),
     "imagenet": DatasetInfo("imagenet", 1000, (3, 224, 224), (0.485, 0.456, 0.406),
-                            (0.229, 0.224, 0.225), "resnet50", 100),
+                            (0.229, 0.224, 0.225), "resnet50", 100, 10_000),
     "mini_imagenet50": DatasetInfo("mini_imagenet50", 50, (3, 224, 224), (0.485, 0.456, 0.406),
-                                   (0.229, 0.224, 0.225), "resnet50", 10),
-    "digits": DatasetInfo("digits", 10, (1, 8, 8), (0.3,), (0.4,), "small_cnn", 1),
+                                   (0.229, 0.224, 0.225), "resnet50", 10, 2_500),
+    "digits": DatasetInfo("digits", 10, (1, 8, 8), (0.3,), (0.4,), "small_cnn", 1, 237),
 }
+# The validation split is drawn with this seed, whatever a run's seed: every run and every trial
+# of a search selects on the same images, and none of them is ever trained on.
+VALIDATION_SEED = 20_211
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -141,6 +145,16 @@ def mini_imagenet_classes(names: list[str], count: int = 50) -> list[str]:
     return sorted(random.Random(MINI_IMAGENET_SEED).sample(sorted(names), count))
 
 
+def train_val_indices(length: int, val_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training split's images cut in two by a fixed permutation: (train, validation)
+    indices into the training split, disjoint, sorted."""
+    if not 0 <= val_size < length:
+        raise DataError(f"val_size {val_size} must lie in [0, {length}) for a training split of "
+                        f"{length} images")
+    order = torch.randperm(length, generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    return order[val_size:].sort().values, order[:val_size].sort().values
+
+
 def subset_indices(length: int, start: int = 0, skip: int = 1, max_count: int | None = None) -> list[int]:
     """Indices start, start + skip, ... (at most max_count of them): the certified test subset."""
     if skip < 1 or start < 0:
@@ -203,24 +217,27 @@ class TrainData:
 
     def __init__(self, name: str, data_dir, batch_size: int, device: torch.device, seed: int,
                  augment: bool = True, subset: int | None = None, download: bool = False,
-                 loader_workers: int = 8, rank: int = 0, world_size: int = 1):
-        """batch_size is per rank; each rank reads its own shard of every epoch's order."""
+                 loader_workers: int = 8, rank: int = 0, world_size: int = 1, val_size: int = 0):
+        """batch_size is per rank; each rank reads its own shard of every epoch's order. The
+        val_size validation images (`train_val_indices`) are left out; subset: train on the first
+        k of a permutation (by seed) of the rest."""
         self.name, self.batch_size, self.device, self.seed = name, batch_size, device, seed
         self.rank, self.world_size = rank, world_size
         self.augment = augment and name == "cifar10"
         self.x = self.y = self.dataset = None
         if name in ("digits", "cifar10"):
             x, y = load_tensors(name, "train", data_dir, download)
+            keep = train_val_indices(len(y), val_size)[0]
             if subset is not None:
-                keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:subset]
-                x, y = x[keep], y[keep]
-            self.x, self.y = x.to(device), y.to(device)
-            self.length = len(y)
+                keep = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))[:subset]]
+            self.x, self.y = x[keep].to(device), y[keep].to(device)
+            self.length = len(keep)
         else:
             self.dataset = load_dataset(name, "train", data_dir, augment=augment)
+            keep = train_val_indices(len(self.dataset), val_size)[0]
             if subset is not None:
-                keep = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(seed))[:subset]
-                self.dataset = torch.utils.data.Subset(self.dataset, keep.tolist())
+                keep = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))[:subset]]
+            self.dataset = torch.utils.data.Subset(self.dataset, keep.tolist())
             self.length = len(self.dataset)
             self.loader_workers = loader_workers
 

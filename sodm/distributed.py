@@ -107,7 +107,8 @@ class RefresherActor:
         cfg = TrainConfig(**config)
         device = cli.pick_device("auto" if cfg.use_gpu else "cpu")
         data = TrainData(cfg.dataset, cfg.data_dir, cfg.refresh_batch_size, device, cfg.seed,
-                         augment=False, subset=cfg.train_subset, download=False)
+                         augment=False, subset=cfg.train_subset, download=False,
+                         val_size=cfg.validation_size)
         self.core = MappingRefresher(cfg, model_description(cfg), data, device)
 
     @ray.method(concurrency_group="update")

@@ -26,7 +26,8 @@ from sodm import cli
 from sodm.certify import certify_run
 from sodm.checkpoint import CheckpointError, load_checkpoint, run_config, save_checkpoint
 from sodm.config import ConfigError, TrainConfig
-from sodm.data import TrainData, dataset_info, load_dataset, load_tensors, subset_indices
+from sodm.data import (TrainData, dataset_info, load_dataset, load_tensors, subset_indices,
+                       train_val_indices)
 from sodm.fastpath import precision_note, training_precision
 from sodm.losses import LossOutput, gaussian_loss, macer_loss, smoothadv_attack, sodm_loss
 from sodm.mapping import build_mapping
@@ -99,15 +100,19 @@ def acr_quick(model, x, y, cfg: TrainConfig, num_classes: int, bf16: bool = Fals
     return total / len(y)
 
 
-def eval_tensors(cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed, evenly strided subset of the test set for per-epoch evaluation."""
+def validation_tensors(cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation images of per-epoch evaluation: eval_count of the validation split (carved
+    from the training set, never trained on), evenly strided. No test image is read while
+    training: those are for the final certification only."""
     if cfg.dataset in ("digits", "cifar10"):
-        x, y = load_tensors(cfg.dataset, "test", cfg.data_dir, cfg.download)
-        idx = torch.tensor(subset_indices(len(y), 0, max(1, len(y) // cfg.eval_count), cfg.eval_count))
-        return x[idx].to(device), y[idx].to(device)
-    ds = load_dataset(cfg.dataset, "test", cfg.data_dir)
-    idx = subset_indices(len(ds), 0, max(1, len(ds) // cfg.eval_count), cfg.eval_count)
-    items = [ds[i] for i in idx]
+        x, y = load_tensors(cfg.dataset, "train", cfg.data_dir, cfg.download)
+        val = train_val_indices(len(y), cfg.validation_size)[1]
+        val = val[subset_indices(len(val), 0, max(1, len(val) // cfg.eval_count), cfg.eval_count)]
+        return x[val].to(device), y[val].to(device)
+    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)  # un-augmented
+    val = train_val_indices(len(ds), cfg.validation_size)[1]
+    items = [ds[int(val[i])] for i in subset_indices(len(val), 0, max(1, len(val) // cfg.eval_count),
+                                                     cfg.eval_count)]
     return (torch.stack([a for a, _ in items]).to(device),
             torch.tensor([b for _, b in items], device=device))
 
@@ -297,7 +302,8 @@ def build_state(cfg: TrainConfig, session, refresher=None) -> TrainState:
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     data = TrainData(cfg.dataset, cfg.data_dir, cfg.batch_size // world, device, cfg.seed,
-                     cfg.augment, cfg.train_subset, cfg.download, rank=rank, world_size=world)
+                     cfg.augment, cfg.train_subset, cfg.download, rank=rank, world_size=world,
+                     val_size=cfg.validation_size)
     mapping = build_mapping(cfg.mapping if cfg.method == "sodm" else "softmax", info.num_classes,
                             seed=cfg.seed).to(device).requires_grad_(False)
     if not needs_refresher(cfg) or not session.is_main:
@@ -380,7 +386,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
         raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the "
                           f"{session.world_size} workers")
     state = build_state(cfg, session, refresher)
-    test_x, test_y = eval_tensors(cfg, session.device) if session.is_main else (None, None)
+    val_x, val_y = validation_tensors(cfg, session.device) if session.is_main else (None, None)
     start_epoch = 0
     ckpt = session.load() if (resume or not local) else None
     if ckpt is not None:
@@ -416,10 +422,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
         record = train_epoch(state, epoch, on_step)
         if session.is_main:
             bf16 = not isinstance(state.autocast, nullcontext)
-            clean, noisy = evaluate(state.model, test_x, test_y, cfg.sigma, cfg.seed,
+            clean, noisy = evaluate(state.model, val_x, val_y, cfg.sigma, cfg.seed,
                                     autocast=state.autocast)
-            record.update(test_clean_acc=clean, test_noisy_acc=noisy, acr_quick=acr_quick(
-                state.model, test_x[: cfg.acr_quick_count], test_y[: cfg.acr_quick_count], cfg,
+            record.update(val_clean_acc=clean, val_noisy_acc=noisy, acr_quick=acr_quick(
+                state.model, val_x[: cfg.acr_quick_count], val_y[: cfg.acr_quick_count], cfg,
                 cfg.num_classes, bf16))
             state.history.append(record)
         save(state, epoch + 1, record, out_dir)
@@ -440,7 +446,7 @@ def format_record(r: dict) -> str:
     return (f"epoch {r['epoch']:>3}  loss {r['loss']:.4f} (acc {r['acc_term']:.3f} rob {r['rob_term']:.3f})"
             f"  branches mis/rob/sat {r['frac_misclassified']:.2f}/{r['frac_robust']:.2f}/"
             f"{r['frac_saturated']:.2f}  train-noisy {r['train_noisy_acc']:.3f}"
-            f"  test clean {r['test_clean_acc']:.3f} noisy {r['test_noisy_acc']:.3f}"
+            f"  val clean {r['val_clean_acc']:.3f} noisy {r['val_noisy_acc']:.3f}"
             f"  acr_quick {r['acr_quick']:.3f}  {r['seconds']:.1f}s"
             + (f"  refresh {100 * r['refresh_share']:.0f}% v{r['mapping_version']}"
                if r["mapping_version"] else ""))

@@ -141,3 +141,25 @@ def test_checkpoint_roundtrip_and_mismatch(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_validation_split_is_carved_from_training_and_never_trained_on():
+    from sodm.data import TrainData, train_val_indices
+
+    train_idx, val_idx = train_val_indices(1437, 237)
+    assert len(train_idx) == 1200 and len(val_idx) == 237
+    assert set(train_idx.tolist()).isdisjoint(val_idx.tolist())
+    assert sorted(train_idx.tolist() + val_idx.tolist()) == list(range(1437))
+    assert torch.equal(train_val_indices(1437, 237)[1], val_idx)  # fixed, whatever the run's seed
+    # The training data holds exactly the training part (and a train_subset is drawn from it).
+    x_all, _ = load_dataset("digits", "train").tensors
+    data = TrainData("digits", None, 64, torch.device("cpu"), seed=3, val_size=237)
+    assert data.length == 1200 and torch.equal(data.x, x_all[train_idx])
+    sub = TrainData("digits", None, 64, torch.device("cpu"), seed=3, subset=100, val_size=237)
+    keep = train_idx[torch.randperm(1200, generator=torch.Generator().manual_seed(3))[:100]]
+    assert sub.length == 100 and torch.equal(sub.x, x_all[keep])
+    # Validation and test are different images: the test split is a different split altogether.
+    test_idx = digits_split_indices("test")
+    assert set(digits_split_indices("train")[val_idx].tolist()).isdisjoint(test_idx.tolist())
+    with pytest.raises(DataError, match="val_size"):
+        train_val_indices(100, 100)

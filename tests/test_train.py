@@ -55,7 +55,7 @@ def test_sodm_raises_certified_accuracy_and_refreshes_mapping(tmp_path):
     # Branch shares add up and the logs carry what the issue asks for.
     last = history[-1]
     assert last["frac_misclassified"] + last["frac_robust"] + last["frac_saturated"] == pytest.approx(1)
-    for key in ("acc_term", "rob_term", "test_clean_acc", "test_noisy_acc", "seconds", "acr_quick"):
+    for key in ("acc_term", "rob_term", "val_clean_acc", "val_noisy_acc", "seconds", "acr_quick"):
         assert key in last
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4, 5, 6]
@@ -126,7 +126,7 @@ def test_baselines_train_in_the_same_loop(tmp_path, method):
                       smoothadv_steps=2, n=4)
     history = loop.train(cfg, log=quiet)["history"]
     assert history[0]["mapping_version"] == 0  # no mapping network outside SODM
-    assert history[-1]["test_clean_acc"] > 0.4  # two short epochs already learn something
+    assert history[-1]["val_clean_acc"] > 0.4  # two short epochs already learn something
     assert load_checkpoint(tmp_path / method / "checkpoint.pt")["method"] == method
 
 
@@ -228,3 +228,21 @@ def test_non_finite_values_are_refused(flag, value, capsys):
     err = capsys.readouterr().err
     assert flag.removeprefix("--").replace("-", "_").removeprefix("cert_") in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_training_never_reads_a_test_image(tmp_path, monkeypatch):
+    """Per-epoch metrics (what a scheduler and top-k select on) come from the validation split;
+    the test split is read only by the final certification."""
+    import sodm.data
+
+    reads = []
+    for module in (sodm.data, loop):
+        for name in ("load_tensors", "load_dataset"):
+            if hasattr(module, name):
+                real = getattr(module, name)
+                monkeypatch.setattr(module, name, lambda *a, _real=real, **k: (
+                    reads.append(a[1] if len(a) > 1 else k.get("split")), _real(*a, **k))[1])
+    cfg = make_config(**{**FAST, "epochs": 1}, out_dir=str(tmp_path / "run"))
+    history = loop.train(cfg, log=quiet, certify=False)["history"]
+    assert reads and "test" not in reads, reads
+    assert "val_clean_acc" in history[-1] and "test_clean_acc" not in history[-1]
