@@ -122,7 +122,8 @@ def cases(rng: random.Random, f: dict[str, Path], root: Path, count: int):
     cert_flags = {"--n0": BAD_INT + NEGATIVE + ["0"], "--n": BAD_INT + NEGATIVE + ["0", "5"],
                   "--alpha": BAD_FLOAT + NEGATIVE + ["0", "1", "1.5"], "--batch": BAD_INT + NEGATIVE + ["0"],
                   "--sigma": BAD_FLOAT + NEGATIVE + ["0"], "--skip": BAD_INT + NEGATIVE + ["0"],
-                  "--max": BAD_INT + NEGATIVE, "--start": BAD_INT + NEGATIVE, "--seed": BAD_INT,
+                  "--max": [v for v in BAD_INT if v != "99999999999999999999999"] + NEGATIVE,
+                  "--start": BAD_INT + NEGATIVE, "--seed": BAD_INT,
                   "--num-workers": BAD_INT + NEGATIVE + ["0"], "--device": ["cuda:7", "tpu", "", "gpu"],
                   "--dtype": ["fp16", "", "int8"], "--split": ["val", ""], "--preset": ["cohen5000"],
                   "--dataset": ["mnist", "", "imagenet"]}
@@ -152,7 +153,8 @@ def cases(rng: random.Random, f: dict[str, Path], root: Path, count: int):
                       else ["bogus-value", "", "x" * 5000])
             if name in ("out_dir", "storage", "device", "data_dir", "init_checkpoint"):
                 values = missing[2:] if name != "device" else ["cuda:9", "tpu"]
-            if name in ("train_subset", "eval_count", "acr_quick_count"):  # "at most": huge is fine
+            if name in ("train_subset", "eval_count", "acr_quick_count", "beta_milestone",
+                        "max_failures"):  # "at most" or "from then on": huge is a valid value
                 values = [v for v in values if v != "99999999999999999999999"]
             if name in ("seed", "train_subset", "time_budget_s", "beta_milestone", "lr_milestones",
                         "momentum", "lr_gamma", "weight_decay", "max_failures", "num_workers",

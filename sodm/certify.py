@@ -363,7 +363,7 @@ def main(argv=None) -> int:
     if args.preset == "cohen500":  # the data set's usual stride (skip None), at most USUAL_MAX
         subset = {"skip": args.skip, "max": USUAL_MAX if args.max is None else args.max}
     else:
-        subset = {"skip": args.skip or 1, "max": args.max}
+        subset = {"skip": 1 if args.skip is None else args.skip, "max": args.max}
     try:
         settings = CertifySettings(n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch,
                                    start=args.start, dtype=args.dtype, seed=args.seed,

@@ -61,6 +61,10 @@ def nest_cert_keys(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+# Larger batches (or copies) than any device holds are typing mistakes; past 2^63 they overflow.
+MAX_BATCH = 1_000_000
+
+
 class Resources(BaseModel):
     """What a run asks of Ray: its Train workers and its mapping refresher. The one home of these
     fields: TrainConfig has them, and a space file's `resources` section (plus the trial's own
@@ -91,7 +95,7 @@ class TrainConfig(Resources):
     device: str = "auto"
     # optimisation
     epochs: int = Field(15, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     optimizer: Literal["sgd", "adam"] = "adam"
     lr: float = Field(0.003, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -108,17 +112,17 @@ class TrainConfig(Resources):
     time_budget_s: Optional[float] = Field(None, gt=0, description="stop training after this many seconds")
     init_checkpoint: Optional[str] = None  # start from these weights (e.g. a common Gaussian model)
     # the noise copies and the SODM objective
-    n: int = Field(8, ge=1, description="noise copies per input in training")
+    n: int = Field(8, ge=1, le=MAX_BATCH, description="noise copies per input in training")
     beta: float = Field(6.0, ge=0)
     beta_milestone: Optional[int] = Field(10, ge=0)
     beta_factor: float = Field(10.0, gt=0)
     rho: float = Field(0.99, gt=0, lt=1)
     # the mapping network
     mapping: Literal["softmax", "temperature", "affine", "mlp"] = "affine"
-    n_prime: int = Field(32, ge=1, description="noise copies per input in a mapping refresh")
+    n_prime: int = Field(32, ge=1, le=MAX_BATCH, description="noise copies per input in a mapping refresh")
     m: int = Field(5, ge=1, description="refresh the mapping every m training steps")
     mapping_lr: float = Field(0.01, gt=0)
-    refresh_batch_size: int = Field(64, ge=1)
+    refresh_batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     # baselines
     macer_gamma: float = Field(8.0, gt=0)
     macer_lbd: float = Field(12.0, ge=0)

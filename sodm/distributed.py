@@ -29,7 +29,7 @@ from sodm.cluster import check_writable, init_ray, storage_exists, storage_join
 from sodm.config import ConfigError, TrainConfig
 from sodm.data import TrainData
 from sodm.loop import model_description, train
-from sodm.refresher import MappingRefresher, needs_refresher
+from sodm.refresher import MappingRefresher, Newest, needs_refresher
 from sodm.tracking import log_metrics
 
 RUN_NAME = "ray_train"  # the Ray Train run inside out_dir: out_dir/ray_train/checkpoint_*/
@@ -112,11 +112,11 @@ class RefresherActor:
         self.core = MappingRefresher(cfg, model_description(cfg), data, device)
 
     @ray.method(concurrency_group="update")
-    def update(self, classifier_state: dict, beta: float) -> int:
-        return self.core.update(classifier_state, beta)
+    def update(self, classifier_state: dict, beta: float, step: int) -> int:
+        return self.core.update(classifier_state, beta, step)
 
     @ray.method(concurrency_group="query")
-    def latest(self) -> tuple[int, dict]:
+    def latest(self) -> Newest:
         return self.core.latest()
 
     @ray.method(concurrency_group="update")
@@ -181,14 +181,14 @@ class RemoteRefresher:
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
             pass  # still restarting: the caller retries
 
-    def refresh(self, classifier_state: dict, beta: float) -> tuple[int, dict]:
+    def refresh(self, classifier_state: dict, beta: float, step: int = 0) -> Newest:
         if self.pending is not None:
             done, _ = ray.wait([self.pending], timeout=0)
             if done:
                 self._finish()
         if self.pending is None:
             weights = ray.put({k: v.detach().cpu() for k, v in classifier_state.items()})
-            self.pending = self.handle.update.remote(weights, beta)
+            self.pending = self.handle.update.remote(weights, beta, step)
             self._unsaved += 1
             if self.synchronous:
                 self._finish()
@@ -203,9 +203,10 @@ class RemoteRefresher:
             self._recover(e)
         self.pending = None
 
-    def latest(self) -> tuple[int, dict]:
-        self.version, state = self._call("latest")
-        return self.version, state
+    def latest(self) -> Newest:
+        newest = Newest(*self._call("latest"))
+        self.version = newest.version
+        return newest
 
     def state_dict(self) -> dict:
         self._checkpointed = self._call("state_dict")

@@ -33,8 +33,11 @@ from sodm.losses import LossOutput, gaussian_loss, macer_loss, smoothadv_attack,
 from sodm.mapping import build_mapping
 from sodm.models import build_described, describe_model
 from sodm.refresher import MappingRefresher, needs_refresher
-from sodm.smoothing import Smooth, noise_generator
+from sodm.smoothing import (Smooth, lower_confidence_bound, noise_generator, plugin_radius,
+                            radius_from_p_a)
 
+# The noise seed of the per-epoch selection metrics: the same for every run and trial.
+SELECTION_SEED = 4_242
 # How often a step checks that the loss is finite (reading it waits for the device).
 FINITE_CHECK_STEPS = 25
 # Config keys that may change between a run and its resumption.
@@ -86,18 +89,34 @@ def evaluate(model, x, y, sigma: float, seed: int, batch: int = 500,
     return clean / len(y), noisy / len(y)
 
 
-def acr_quick(model, x, y, cfg: TrainConfig, num_classes: int, bf16: bool = False) -> float:
-    """A quick ACR on a fixed small subset with small N, for schedulers; never reported as ACR."""
+def selection_metrics(model, x, y, cfg: TrainConfig, num_classes: int,
+                      bf16: bool = False) -> dict[str, float]:
+    """Two ACRs of the smoothed classifier on a few validation images with a small N, for model
+    selection and schedulers, never reported as ACR, from the same draws (n0 = min(64, N) to
+    pick the class, N to measure it):
+
+      acr_quick   CERTIFY's radius (Clopper-Pearson at cfg.certify.alpha): a certificate, capped
+                  at sigma * Phi^-1(alpha^(1/N)) (0.48 at N = 256)
+      acr_plugin  sigma * Phi^-1 of the empirical frequency (`plugin_radius`): no certificate,
+                  capped at sigma * Phi^-1(1 - 1/(2N)) (0.72 at N = 256), so it tells apart
+                  models whose certificates all sit at the cap
+
+    The noise of image i is seeded by (SELECTION_SEED, i) for every run and trial alike (common
+    random numbers: the trials of a search are compared on the same noise)."""
     model.eval()
     smooth = Smooth(model, num_classes, cfg.sigma, torch.bfloat16 if bf16 else torch.float32)
-    total = 0.0
+    n, n0 = cfg.acr_quick_n, min(64, cfg.acr_quick_n)
+    certified = plugin = 0.0
     for i in range(len(y)):
-        prediction, radius = smooth.certify(x[i], min(64, cfg.acr_quick_n), cfg.acr_quick_n,
-                                            cfg.certify.alpha, cfg.acr_quick_n,
-                                            noise_generator(cfg.seed, i, x.device))
-        total += radius if prediction == int(y[i]) else 0.0
+        gen = noise_generator(SELECTION_SEED, i, x.device)
+        top = int(smooth.sample_counts(x[i], n0, n0, gen).argmax())
+        n_a = int(smooth.sample_counts(x[i], n, n, gen)[top])
+        if top == int(y[i]):
+            p_lower = lower_confidence_bound(n_a, n, cfg.certify.alpha)
+            certified += radius_from_p_a(p_lower, cfg.sigma) if p_lower >= 0.5 else 0.0
+            plugin += plugin_radius(n_a, n, cfg.sigma)
     model.train()
-    return total / len(y)
+    return {"acr_quick": certified / len(y), "acr_plugin": plugin / len(y)}
 
 
 def validation_tensors(cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,6 +204,7 @@ class TrainState:
     autocast: Any = field(default_factory=nullcontext)
     channels_last: bool = False
     step: int = 0
+    fitted_step: int = 0  # the training step whose weights the mapping in use was fitted to
     train_seconds: float = 0.0
     budget_spent: bool = False
     history: list = field(default_factory=list)
@@ -222,8 +242,11 @@ def refresh_mapping(state: TrainState, beta: float) -> None:
     """Rank 0 hands the refresher the classifier's weights and takes the newest mapping; every
     rank switches to it at this same step."""
     session = state.session
-    newest = state.refresher.refresh(state.model.state_dict(), beta) if session.is_main else None
-    state.mapping.load_state_dict(session.broadcast(newest)[1])
+    newest = (state.refresher.refresh(state.model.state_dict(), beta, state.step)
+              if session.is_main else None)
+    newest = session.broadcast(newest)
+    state.mapping.load_state_dict(newest[1])
+    state.fitted_step = newest[2]
 
 
 def train_epoch(state: TrainState, epoch: int,
@@ -233,8 +256,9 @@ def train_epoch(state: TrainState, epoch: int,
     cfg, session = state.cfg, state.session
     beta = cfg.beta_at(epoch)
     sums: dict[str, torch.Tensor] = {}
-    samples = 0
+    samples = lag_sum = epoch_steps = 0
     refresh_wait = 0.0
+    skipped_before = getattr(state.refresher, "skipped", 0)
     epoch_start = time.perf_counter()
     batches = state.data.epoch(epoch, state.aug_gen)
     if cfg.progress and session.is_main:
@@ -243,6 +267,8 @@ def train_epoch(state: TrainState, epoch: int,
         batches = tqdm(batches, total=state.data.steps_per_epoch(), file=sys.stderr,
                        desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=1.0)
     for x, y in batches:
+        lag_sum += state.step - state.fitted_step  # the mapping this step uses, in steps old
+        epoch_steps += 1
         stats = train_step(state, x, y, beta)
         for k, v in stats.items():
             sums[k] = sums[k] + v * len(y) if k in sums else v * len(y)
@@ -275,6 +301,12 @@ def train_epoch(state: TrainState, epoch: int,
               "mapping_version": state.refresher.version if state.refresher is not None else 0,
               "train_seconds": state.train_seconds}
     if state.dynamic:
+        # How stale the mapping was (mean over the epoch's steps of the steps between the weights
+        # it was fitted to and the step using it), refreshes not started because the previous
+        # one still ran (asynchronous refresher), and what the mapping now does.
+        record.update(mapping_lag=lag_sum / max(1, epoch_steps),
+                      refresh_skipped=getattr(state.refresher, "skipped", 0) - skipped_before,
+                      **state.mapping.summary())
         # Every rank must use the same mapping at every step; a disagreement is a bug.
         digests = session.all_gather(state_digest(state.mapping))
         if len(set(digests)) > 1:
@@ -407,8 +439,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
             log(f"initialised from {cfg.init_checkpoint}")
     if state.dynamic:
         # Every rank starts from rank 0's mapping (the refresher's current version).
-        latest = state.refresher.latest() if session.is_main else None
-        state.mapping.load_state_dict(session.broadcast(latest)[1])
+        latest = session.broadcast(state.refresher.latest() if session.is_main else None)
+        state.mapping.load_state_dict(latest[1])
+        state.fitted_step = latest[2]
     state.net = session.wrap(state.model)  # DDP across ranks; the model itself under one process
 
     if session.is_main:
@@ -424,7 +457,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
             bf16 = not isinstance(state.autocast, nullcontext)
             clean, noisy = evaluate(state.model, val_x, val_y, cfg.sigma, cfg.seed,
                                     autocast=state.autocast)
-            record.update(val_clean_acc=clean, val_noisy_acc=noisy, acr_quick=acr_quick(
+            record.update(val_clean_acc=clean, val_noisy_acc=noisy, **selection_metrics(
                 state.model, val_x[: cfg.acr_quick_count], val_y[: cfg.acr_quick_count], cfg,
                 cfg.num_classes, bf16))
             state.history.append(record)
@@ -447,6 +480,7 @@ def format_record(r: dict) -> str:
             f"  branches mis/rob/sat {r['frac_misclassified']:.2f}/{r['frac_robust']:.2f}/"
             f"{r['frac_saturated']:.2f}  train-noisy {r['train_noisy_acc']:.3f}"
             f"  val clean {r['val_clean_acc']:.3f} noisy {r['val_noisy_acc']:.3f}"
-            f"  acr_quick {r['acr_quick']:.3f}  {r['seconds']:.1f}s"
+            f"  acr_quick {r['acr_quick']:.3f} plugin {r['acr_plugin']:.3f}  {r['seconds']:.1f}s"
             + (f"  refresh {100 * r['refresh_share']:.0f}% v{r['mapping_version']}"
+               f" lag {r.get('mapping_lag', 0):.1f} skipped {r.get('refresh_skipped', 0)}"
                if r["mapping_version"] else ""))

@@ -34,6 +34,10 @@ class Mapping(nn.Module):
     def log_probs(self, logits):
         return F.log_softmax(self.scores(logits.float()), dim=-1)
 
+    def summary(self) -> dict[str, float]:
+        """A few numbers that say what the mapping does now (logged every epoch)."""
+        return {}
+
 
 class SoftmaxMapping(Mapping):
     pass
@@ -47,6 +51,9 @@ class TemperatureMapping(Mapping):
     def scores(self, logits):
         return logits * torch.exp(-self.log_temperature)
 
+    def summary(self) -> dict[str, float]:
+        return {"mapping_temperature": float(torch.exp(self.log_temperature))}
+
 
 class AffineMapping(Mapping):
     def __init__(self, num_classes: int, generator: torch.Generator | None = None):
@@ -56,6 +63,10 @@ class AffineMapping(Mapping):
 
     def scores(self, logits):
         return logits * self.scale + self.bias
+
+    def summary(self) -> dict[str, float]:
+        # the mean scale acts as an inverse temperature; the bias spread as class priors
+        return {"mapping_scale": float(self.scale.mean()), "mapping_bias_spread": float(self.bias.std())}
 
 
 class MLPMapping(Mapping):
@@ -68,6 +79,9 @@ class MLPMapping(Mapping):
 
     def scores(self, logits):
         return logits + self.out(F.relu(self.hidden(logits)))
+
+    def summary(self) -> dict[str, float]:
+        return {"mapping_residual_norm": float(self.out.weight.norm())}
 
 
 class HardMapping(Mapping):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -21,6 +22,15 @@ from sodm.mapping import TRAINABLE_KINDS, build_mapping
 from sodm.models import build_described
 
 REFRESHER_SEED_OFFSET = 7_919  # its sampler and noise differ from the training loop's streams
+
+
+class Newest(NamedTuple):
+    """The newest mapping: its version, its state_dict (on the CPU) and the training step of the
+    classifier weights it was fitted to (the loop logs how stale the mapping it uses is)."""
+
+    version: int
+    state: dict
+    fitted_step: int
 
 
 def needs_refresher(cfg: TrainConfig) -> bool:
@@ -48,13 +58,20 @@ class MappingRefresher:
         self.data = data
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + REFRESHER_SEED_OFFSET)
         self.version = 0
+        self.fitted_step = 0
         self.seconds = 0.0
         # Guards the parameters and version against a concurrent `latest` (the Ray actor answers
         # queries while an update runs); the expensive forward pass runs outside it.
         self._lock = threading.Lock()
 
-    def update(self, classifier_state: dict, beta: float) -> int:
-        """One refresh from the given classifier weights; returns the new version."""
+    def update(self, classifier_state: dict, beta: float, step: int = 0) -> int:
+        """One refresh from the given classifier weights (those of training step `step`); returns
+        the new version.
+
+        The classifier runs in eval mode (BatchNorm with its running statistics), as the smoothed
+        classifier that is certified does, and on un-augmented training images (the refresher's
+        own sampler, in-process and in the Ray actor alike): the mapping is fitted to the
+        classifier as it will be certified, not to one noisy training batch's statistics."""
         start = time.perf_counter()
         cfg = self.cfg
         self.classifier.load_state_dict(classifier_state)
@@ -73,27 +90,31 @@ class MappingRefresher:
         with self._lock:
             self.optimizer.step()
             self.version += 1
+            self.fitted_step = step
         self.seconds += time.perf_counter() - start
         return self.version
 
-    def refresh(self, classifier_state: dict, beta: float) -> tuple[int, dict]:
+    def refresh(self, classifier_state: dict, beta: float, step: int = 0) -> Newest:
         """What the training loop calls every m steps: update, then hand back the newest mapping."""
-        self.update(classifier_state, beta)
+        self.update(classifier_state, beta, step)
         return self.latest()
 
-    def latest(self) -> tuple[int, dict]:
-        """The newest mapping: (version, its state_dict on the CPU)."""
+    def latest(self) -> Newest:
+        """The newest mapping (its version, its state_dict on the CPU, the step it was fitted to)."""
         with self._lock:
-            return self.version, {k: v.detach().cpu().clone() for k, v in self.mapping.state_dict().items()}
+            return Newest(self.version, {k: v.detach().cpu().clone()
+                                         for k, v in self.mapping.state_dict().items()},
+                          self.fitted_step)
 
     def state_dict(self) -> dict:
         return {"mapping": self.mapping.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "generator": self.generator.get_state(), "version": self.version,
-                "seconds": self.seconds}
+                "fitted_step": self.fitted_step, "seconds": self.seconds}
 
     def load_state_dict(self, state: dict) -> None:
         self.mapping.load_state_dict(state["mapping"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"].cpu())
         self.version = int(state["version"])
+        self.fitted_step = int(state.get("fitted_step", 0))
         self.seconds = float(state.get("seconds", 0.0))

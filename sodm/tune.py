@@ -99,12 +99,15 @@ class Distribution(Strict):
 class Search(Strict):
     algorithm: Literal["random", "grid", "tpe"] = "random"
     num_samples: int = Field(4, ge=1)
-    metric: str = "acr_quick"
+    # acr_plugin: a plug-in ACR estimate on the validation split (see sodm.loop.selection_metrics)
+    metric: str = "acr_plugin"
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["fifo", "asha"] = "asha"
     grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial may be cut")
     reduction_factor: float = Field(2.0, gt=1)
     max_concurrent_trials: int = Field(1, ge=1)
+    # Points evaluated first (the paper's settings, typically): a value for every searched key.
+    points_to_evaluate: list[dict[str, Any]] = []
 
 
 class TrialResources(Resources):
@@ -224,6 +227,28 @@ def load_space(name: str, overrides: list[str] | None = None) -> tuple[Path, Spa
         raise SpaceError(f"{path}: search.algorithm: grid needs every space entry of type grid")
     if space_file.search.algorithm != "grid" and any(d.type == "grid" for d in space_file.space.values()):
         raise SpaceError(f"{path}: space: type grid needs search.algorithm grid")
+    for k, point in enumerate(space_file.search.points_to_evaluate):
+        if set(point) != set(space_file.space):
+            raise SpaceError(f"{path}: search.points_to_evaluate[{k}]: give a value for each "
+                             f"searched key ({', '.join(sorted(space_file.space))}), no other")
+        try:
+            space_file.trial_config(point, "/tmp/sodm-validate")
+        except ConfigError as e:
+            raise SpaceError(f"{path}: search.points_to_evaluate[{k}]: {e}") from None
+    if space_file.search.points_to_evaluate and space_file.search.algorithm == "grid":
+        raise SpaceError(f"{path}: search.points_to_evaluate: not with algorithm grid")
+    s = space_file.search
+    if s.scheduler == "asha":  # ASHA must not cut a trial before the schedule's second phase
+        starts = []
+        for sampled in [{}] + [{k: v} for k in ("beta_milestone", "lr_milestones") if k in
+                               space_file.space for v in space_file.space[k].candidates()]:
+            cfg = space_file.trial_config(sampled, "/tmp/sodm-validate")
+            starts += [m for m in (cfg.beta_milestone, *cfg.lr_milestones[:1])
+                       if m is not None and m < cfg.epochs]
+        if starts and s.grace_period <= max(starts):
+            raise SpaceError(f"{path}: search.grace_period: {s.grace_period} lets ASHA stop trials "
+                             f"before the lr/beta schedule's second phase (from epoch "
+                             f"{max(starts) + 1}); make it at least {max(starts) + 1}")
     if space_file.search.algorithm == "tpe":
         try:
             import optuna  # noqa: F401
@@ -254,6 +279,22 @@ def _trial(sampled: dict, *, space_json: str, search_uri: str, local_dir: str, u
                     callbacks=[TuneReportCallback()], tracking={"uri": uri, "run_id": run_id})
 
 
+def search_algorithm(space_file: SpaceFile):
+    """Tune's search algorithm for the space: random (Tune's default, or its variant generator
+    when points are to be evaluated first), grid, or TPE (optuna), the points first."""
+    s = space_file.search
+    points = [dict(p) for p in s.points_to_evaluate] or None
+    if s.algorithm == "tpe":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=int(space_file.base.get("seed", 0)), points_to_evaluate=points)
+    if points:
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(points_to_evaluate=points)
+    return None
+
+
 def build_tuner(space_file: SpaceFile, storage: str, name: str, local_dir: Path, uri: str,
                 experiment_id: str, parent_run_id: str, resume: bool):
     from ray import tune
@@ -276,16 +317,11 @@ def build_tuner(space_file: SpaceFile, storage: str, name: str, local_dir: Path,
         scheduler = tune.schedulers.ASHAScheduler(
             time_attr="epoch", grace_period=s.grace_period, reduction_factor=s.reduction_factor,
             max_t=int(space_file.trial_config({}, str(local_dir)).epochs))
-    search_alg = None
-    if s.algorithm == "tpe":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(seed=int(space_file.base.get("seed", 0)))
     return tune.Tuner(
         trainable,
         param_space={k: d.to_tune() for k, d in space_file.space.items()},
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples,
-                                    scheduler=scheduler, search_alg=search_alg,
+                                    scheduler=scheduler, search_alg=search_algorithm(space_file),
                                     max_concurrent_trials=s.max_concurrent_trials),
         run_config=tune.RunConfig(name=name, storage_path=storage),
     )

@@ -63,6 +63,7 @@ def test_analyze_prints_row_and_writes_curve(digits_checkpoint, tmp_path, capsys
     (["--n", "99999999999999999999999"], "n: Input should be less than or equal to"),
     (["--start", "100000"], "no image to certify"),
     (["--dataset", ""], "--dataset is empty"),
+    (["--skip", "0"], "skip: Input should be greater than or equal to 1"),
     (["--sigma", "-0.5"], "--sigma must be a positive number"),
     (["--n0", "200", "--n", "100"], "n0 (200) must not exceed n (100)"),
     (["--alpha", "0"], "alpha: Input should be greater than 0"),

@@ -60,7 +60,8 @@ def test_two_workers_and_refresher(local_ray, tmp_path):
     assert model(x).shape == (4, 10)
     assert ckpt["refresher"]["version"] == history[-1]["mapping_version"]
     assert len(ckpt["rank_rng"]) == 2
-    latest_version, latest_state = ray.get(result["refresher"].latest.remote())
+    latest_version, latest_state, fitted_step = ray.get(result["refresher"].latest.remote())
+    assert 0 < fitted_step <= history[-1]["step"]
     assert latest_version == ckpt["refresher"]["version"]
     assert torch.equal(latest_state["bias"], ckpt["refresher"]["mapping"]["bias"])
     # A finished run is not overwritten without --resume.

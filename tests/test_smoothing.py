@@ -7,7 +7,7 @@ from scipy.stats import beta as beta_dist
 from scipy.stats import norm
 
 from sodm.smoothing import (Smooth, can_ever_certify, lower_confidence_bound, noise_generator,
-                            radius_from_p_a)
+                            plugin_radius, radius_from_p_a)
 
 
 class Constant(torch.nn.Module):
@@ -186,3 +186,13 @@ def test_folded_model_gives_the_plain_models_predictions():
 
     kept = fold_batchnorm(Untraceable())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in kept.modules())
+
+
+def test_plugin_radius_hand_values():
+    assert plugin_radius(84, 100, 0.5) == pytest.approx(0.5 * norm.ppf(0.84))
+    assert plugin_radius(50, 100, 0.25) == 0.0 and plugin_radius(30, 100, 0.25) == 0.0
+    # All n right is kept below probability 1: at most sigma * Phi^-1(1 - 1/(2n)).
+    assert plugin_radius(256, 256, 0.25) == pytest.approx(0.25 * norm.ppf(1 - 1 / 512))
+    assert plugin_radius(256, 256, 0.25) == pytest.approx(0.7205, abs=1e-3)
+    # ...well above what CERTIFY can give at the same n (alpha = 0.001): 0.483.
+    assert radius_from_p_a(lower_confidence_bound(256, 256, 0.001), 0.25) == pytest.approx(0.483, abs=1e-3)

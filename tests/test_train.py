@@ -21,6 +21,10 @@ def quiet(_):
     pass
 
 
+def last_epoch(history):
+    return history[-1]
+
+
 def cert_acc_at(model, radius=0.25, count=60, n=400):
     test = load_dataset("digits", "test")
     smooth = Smooth(model.eval(), 10, 0.25)
@@ -46,6 +50,11 @@ def test_sodm_raises_certified_accuracy_and_refreshes_mapping(tmp_path):
     assert history[-1]["mapping_version"] == steps_total // 5
     assert [h["mapping_version"] for h in history] == [h["step"] // 5 for h in history]
     assert all(0 < h["refresh_share"] < 1 for h in history)
+    # In-process the refresh is synchronous: a mapping is used for the m steps after the step it
+    # was fitted at, so the mean lag over an epoch is about (m - 1) / 2, and none is skipped.
+    assert all(1.0 <= h["mapping_lag"] <= 3.0 and h["refresh_skipped"] == 0 for h in history[1:])
+    assert "mapping_scale" in last_epoch(history) and "mapping_bias_spread" in last_epoch(history)
+    assert 0 <= last_epoch(history)["acr_quick"] <= last_epoch(history)["acr_plugin"] + 1e-9
     trained = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "checkpoint.pt"))
     torch.manual_seed(0)
     untrained = build_model("small_cnn", 10, (0.3,), (0.4,))

@@ -194,3 +194,42 @@ def test_refresher_share_is_reserved_only_where_a_trial_refreshes(tmp_path):
     assert not needs(method="gaussian").needs_refresher()
     mixed = with_("space.mapping", {"type": "choice", "values": ["softmax", "mlp"]})
     assert tune.load_space(str(write(tmp_path, mixed, "mixed.yaml")))[1].needs_refresher()
+
+
+def test_points_to_evaluate_and_the_grace_period_are_checked(tmp_path):
+    point = {"beta": 6.0, "rho": 0.95, "m": 5, "n": 4}
+    ok = tune.load_space(str(write(tmp_path, with_("search.points_to_evaluate", [point]))))[1]
+    assert ok.search.points_to_evaluate == [point]
+    for doc, message in [
+        (with_("search.points_to_evaluate", [{"beta": 6.0}]), "give a value for each searched key"),
+        (with_("search.points_to_evaluate", [{**point, "rho": 1.5}]), "points_to_evaluate[0]: rho"),
+        ({**with_("base.epochs", 20), "search": {"scheduler": "asha", "grace_period": 5}},
+         "lets ASHA stop trials before the lr/beta schedule's second phase (from epoch 11)"),
+    ]:
+        with pytest.raises(tune.SpaceError) as raised:
+            tune.load_space(str(write(tmp_path, doc, "bad.yaml")))
+        assert message in str(raised.value)
+
+
+def test_search_algorithms_take_the_points_first(tmp_path):
+    point = {"beta": 6.0, "rho": 0.95, "m": 5, "n": 4}
+    random_space = tune.load_space(str(write(tmp_path, with_("search.points_to_evaluate", [point]))))[1]
+    alg = tune.search_algorithm(random_space)
+    assert type(alg).__name__ == "BasicVariantGenerator" and alg._points_to_evaluate == [point]
+    assert tune.search_algorithm(tune.load_space(str(write(tmp_path, GOOD, "plain.yaml")))[1]) is None
+    pytest.importorskip("optuna")  # the `tpe` extra (installed with `dev`)
+    doc = with_("search.points_to_evaluate", [point])
+    doc["search"]["algorithm"] = "tpe"
+    tpe = tune.search_algorithm(tune.load_space(str(write(tmp_path, doc, "tpe.yaml")))[1])
+    assert type(tpe).__name__ == "OptunaSearch" and tpe._points_to_evaluate == [point]
+
+
+@pytest.mark.parametrize("name", ["cifar10", "imagenet", "mini_imagenet50", "cifar10_cpu"])
+def test_shipped_spaces_start_at_the_papers_settings(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space_file = tune.load_space(name, [f"data_dir={tmp_path}"])[1]
+    assert space_file.search.metric == "acr_plugin"
+    assert len(space_file.search.points_to_evaluate) == 1
+    if name.startswith("cifar10"):
+        assert {"lr", "beta", "beta_factor", "n", "n_prime", "m", "mapping"} <= set(space_file.space)
+        assert "softmax" in space_file.space["mapping"].values
