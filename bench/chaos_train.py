@@ -130,7 +130,7 @@ def main() -> int:
         accs = [r["checkpoint"]["history"][-1]["val_clean_acc"] for r in (chaos, *clean)]
         spread = abs(accs[1] - accs[2])
         inside = abs(accs[0] - (accs[1] + accs[2]) / 2) <= max(spread, 0.05)
-        print(f"final test accuracy: chaos {accs[0]:.3f}, clean runs {accs[1]:.3f} and {accs[2]:.3f} "
+        print(f"final validation accuracy: chaos {accs[0]:.3f}, clean runs {accs[1]:.3f} and {accs[2]:.3f} "
               f"(spread {spread:.3f}): {'within' if inside else 'outside'} the run-to-run spread "
               f"(or 0.05); max weight difference to a clean run {diff:.3g}")
         ok &= inside
