@@ -30,6 +30,11 @@ def storage_join(base: str, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
+def storage_fs(path: str):
+    """(pyarrow filesystem, path in it) for a local path or a URI."""
+    return _fs(path)
+
+
 def _fs(path: str):
     import pyarrow.fs
 

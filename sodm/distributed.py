@@ -152,34 +152,46 @@ class RemoteRefresher:
         self.recoveries = 0
         self._checkpointed: dict | None = None
         self._unsaved = 0  # updates handed over since the state was last checkpointed or loaded
+        self._lost: str | None = None  # the error that killed the actor, until its state is back
 
-    def _call(self, method: str, *args, retries: int = 30):
+    ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+    def _retrying(self, fn, retries: int = 30):
+        """fn() once the actor answers, restoring a restarted actor's state first."""
         for attempt in range(retries):
             try:
-                return ray.get(getattr(self.handle, method).remote(*args))
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                self.pending = None
+                self._restore_if_lost()
+                return fn()
+            except self.ERRORS as e:
+                self._lose(e)
                 time.sleep(min(2.0, 0.1 * 2 ** attempt))
-                self._recover(e)
         raise RuntimeError(f"the mapping refresher did not come back after {retries} attempts")
 
-    def _recover(self, error) -> None:
+    def _call(self, method: str, *args):
+        return self._retrying(lambda: ray.get(getattr(self.handle, method).remote(*args)))
+
+    def _lose(self, error) -> None:
+        """The actor died (Ray restarts it, empty). Its state is put back before its next use."""
+        self.pending = None
         if self.synchronous and self._unsaved:
             # A deterministic run cannot go on with a mapping that lost the updates since the
             # last checkpoint: fail this attempt, so that Ray Train restarts the workers from
             # that checkpoint, which also restores the refresher's state (the same run again).
             raise RefresherLost(f"the mapping refresher died ({type(error).__name__}); restarting "
                                 "from the last checkpoint") from None
-        try:
-            if self._checkpointed is not None:
-                version = ray.get(self.handle.load_state_dict.remote(self._checkpointed))
-            else:
-                version = 0
-            self.recoveries += 1
-            self.log(f"mapping refresher restarted ({type(error).__name__}); restored from the "
-                     f"checkpointed mapping state, version {version}")
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-            pass  # still restarting: the caller retries
+        self._lost = self._lost or type(error).__name__
+
+    def _restore_if_lost(self) -> None:
+        """Put the checkpointed state back into a restarted actor (raises while it is still
+        restarting; the caller retries). Without a checkpoint yet, its fresh state is the start."""
+        if not self._lost:
+            return
+        if self._checkpointed is not None:
+            self.version = ray.get(self.handle.load_state_dict.remote(self._checkpointed))
+        self.recoveries += 1
+        self.log(f"mapping refresher restarted ({self._lost}); restored from the checkpointed "
+                 f"mapping state, version {self.version}")
+        self._lost, self._unsaved = None, 0
 
     def refresh(self, classifier_state: dict, beta: float, step: int = 0) -> Newest:
         if self.pending is not None:
@@ -188,7 +200,7 @@ class RemoteRefresher:
                 self._finish()
         if self.pending is None:
             weights = ray.put({k: v.detach().cpu() for k, v in classifier_state.items()})
-            self.pending = self.handle.update.remote(weights, beta, step)
+            self.pending = self._retrying(lambda: self.handle.update.remote(weights, beta, step))
             self._unsaved += 1
             if self.synchronous:
                 self._finish()
@@ -199,8 +211,8 @@ class RemoteRefresher:
     def _finish(self) -> None:
         try:
             ray.get(self.pending)
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-            self._recover(e)
+        except self.ERRORS as e:
+            self._lose(e)
         self.pending = None
 
     def latest(self) -> Newest:

@@ -29,7 +29,7 @@ from sodm import cli, tracking
 from sodm.certify import CertifySettings, certify_run
 from sodm.checkpoint import load_checkpoint, run_config
 from sodm.cluster import (ClusterError, StorageError, check_writable, init_ray, is_uri,
-                          storage_exists, storage_join)
+                          storage_exists, storage_fs, storage_join)
 from sodm.config import FLAT_CERT_KEYS, ConfigError, Resources, TrainConfig, make_config
 from sodm.data import load_dataset
 from sodm.refresher import needs_refresher
@@ -327,6 +327,25 @@ def build_tuner(space_file: SpaceFile, storage: str, name: str, local_dir: Path,
     )
 
 
+def newest_checkpoint(reported: str) -> str | None:
+    """The checkpoint a trial last reported or, when that one is gone (Ray Train keeps the newest
+    two; a resumed trial can report one that a later attempt of the same run replaced), the
+    newest checkpoint_* beside it in storage (a path or a URI)."""
+    import pyarrow.fs
+
+    fs, path = storage_fs(reported)
+    if fs.get_file_info(f"{path}/checkpoint.pt").type == pyarrow.fs.FileType.File:
+        return reported
+    parent = path.rstrip("/").rsplit("/", 1)[0]
+    found = sorted(info.path for info in fs.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
+                   if info.base_name.startswith("checkpoint_")
+                   and fs.get_file_info(f"{info.path}/checkpoint.pt").type == pyarrow.fs.FileType.File)
+    if not found:
+        return None
+    return (storage_join(reported.rsplit("/", 1)[0], found[-1].rsplit("/", 1)[1]) if is_uri(reported)
+            else found[-1])
+
+
 def certify_trials(space_file: SpaceFile, trials: list[dict], uri: str, log) -> None:
     """Certify each trial's last checkpoint (fetched from storage) with the space's final
     settings, in the trial's local folder; log the results to the trial's MLflow run."""
@@ -340,7 +359,11 @@ def certify_trials(space_file: SpaceFile, trials: list[dict], uri: str, log) -> 
             continue
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path = out_dir / "checkpoint.pt"
-        with ray.train.Checkpoint(t["checkpoint_path"]).as_directory() as d:
+        found = newest_checkpoint(t["checkpoint_path"])
+        if found is None:
+            log(f"trial {t['trial_id']}: its checkpoints are gone from storage; not certified")
+            continue
+        with ray.train.Checkpoint(found).as_directory() as d:
             shutil.copyfile(Path(d) / "checkpoint.pt", ckpt_path)
         trained = TrainConfig(**run_config(load_checkpoint(ckpt_path)))
         settings = final.settings()

@@ -233,3 +233,18 @@ def test_shipped_spaces_start_at_the_papers_settings(name, tmp_path, monkeypatch
     if name.startswith("cifar10"):
         assert {"lr", "beta", "beta_factor", "n", "n_prime", "m", "mapping"} <= set(space_file.space)
         assert "softmax" in space_file.space["mapping"].values
+
+
+def test_a_trial_whose_reported_checkpoint_is_gone_is_certified_from_its_newest(tmp_path):
+    """Ray Train keeps the newest two checkpoints; after resumes a trial can report one that a
+    later attempt replaced. The final certification takes the newest one still in storage."""
+    run = tmp_path / "train-x"
+    old, new = run / "checkpoint_2026-11-30_09-54-47.0", run / "checkpoint_2026-11-30_09-55-10.0"
+    old.mkdir(parents=True)
+    new.mkdir()
+    (new / "checkpoint.pt").write_text("x")
+    assert tune.newest_checkpoint(str(old)) == str(new)
+    assert tune.newest_checkpoint(str(new)) == str(new)
+    assert tune.newest_checkpoint(run.as_uri() + "/" + old.name) == run.as_uri() + "/" + new.name
+    (new / "checkpoint.pt").unlink()
+    assert tune.newest_checkpoint(str(old)) is None
