@@ -32,10 +32,6 @@ def storage_join(base: str, *parts: str) -> str:
 
 def storage_fs(path: str):
     """(pyarrow filesystem, path in it) for a local path or a URI."""
-    return _fs(path)
-
-
-def _fs(path: str):
     import pyarrow.fs
 
     if is_uri(path):
@@ -46,14 +42,14 @@ def _fs(path: str):
 def storage_exists(path: str) -> bool:
     import pyarrow.fs
 
-    fs, p = _fs(path)
+    fs, p = storage_fs(path)
     return fs.get_file_info(p).type != pyarrow.fs.FileType.NotFound
 
 
 def check_writable(path: str) -> None:
     """Create `path` and write a probe file there; raises StorageError with one clear line."""
     try:
-        fs, p = _fs(path)
+        fs, p = storage_fs(path)
         fs.create_dir(p, recursive=True)
         probe = f"{p.rstrip('/')}/.sodm-write-probe"
         with fs.open_output_stream(probe) as f:

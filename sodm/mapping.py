@@ -108,7 +108,3 @@ def build_mapping(kind: str, num_classes: int, seed: int = 0) -> nn.Module:
     if kind == "hard":
         return HardMapping()
     raise ValueError(f"unknown mapping {kind!r}; known: {', '.join(KINDS)}")
-
-
-def is_trainable(mapping: nn.Module) -> bool:
-    return any(True for _ in mapping.parameters())
