@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from sodm import cli
-from sodm.metrics import format_table, read_results
+from sodm.metrics import format_markdown, format_table, read_results
 from sodm.plots import certified_accuracy_curve
 
 
@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--plot", type=Path, default=None,
                    help="PNG of certified accuracy vs radius (default: beside the first TSV)")
     p.add_argument("--no-plot", action="store_true", help="print the table only")
+    p.add_argument("--markdown", action="store_true", help="the table as Markdown")
     args = p.parse_args(argv)
 
     rows = {}
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
             rows[name] = read_results(path)
         except ValueError as e:
             raise cli.UsageError(str(e)) from None
-    print(format_table(rows))
+    print(format_markdown(rows) if args.markdown else format_table(rows))
     if not args.no_plot:
         out = args.plot or args.results[0].with_suffix(".png")
         certified_accuracy_curve(rows, out)

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Optional
@@ -20,7 +21,7 @@ from typing import Any, Callable, Iterable, Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sodm import __version__, cli
+from sodm import __version__, cli, tracking
 from sodm.checkpoint import (CheckpointError, file_hash, load_checkpoint, model_from_checkpoint,
                              read_checkpoint)
 from sodm.cluster import ClusterError, init_ray
@@ -256,12 +257,13 @@ def certify_checkpoint(checkpoint: Path, settings: CertifySettings, out: Path, *
                        dataset: str | None = None, data_dir: str | None = None,
                        split: str = "test", device: str = "auto", num_workers: int = 0,
                        use_gpu: bool = False, progress: bool = True, download: bool = False,
-                       subset_note: dict[str, Any] | None = None,
+                       subset_note: dict[str, Any] | None = None, model_uri: str | None = None,
                        log: Callable[[str], None] | None = None) -> Results:
     """Certify a checkpoint file's smoothed classifier on settings' subset of a split into `out`
     (resumed when it holds rows of the same certification), its provenance beside it; in this
     process, or over num_workers Ray workers (one GPU each with use_gpu). sigma, dataset and
-    data_dir default to the checkpoint's; subset_note is added to the provenance's subset."""
+    data_dir default to the checkpoint's; subset_note is added to the provenance's subset;
+    model_uri is the MLflow model the checkpoint came from, when it did."""
     checkpoint = Path(checkpoint)
     ckpt = ckpt if ckpt is not None else load_checkpoint(checkpoint)
     sigma = ckpt["sigma"] if sigma is None else sigma
@@ -290,7 +292,7 @@ def certify_checkpoint(checkpoint: Path, settings: CertifySettings, out: Path, *
                                        "seed": VALIDATION_SEED, "of": "the training split"}}
                  if "val_size" in trained else None)  # runs from before the split selected on test
     write_provenance(out, provenance(
-        checkpoint=str(checkpoint.resolve()), checkpoint_sha256=file_hash(checkpoint),
+        checkpoint=model_uri or str(checkpoint.resolve()), checkpoint_sha256=file_hash(checkpoint),
         model_selection=selection,
         dataset=name, split=split, subset={**settings.subset(name, len(indices)), **(subset_note or {})},
         n0=settings.n0, n=settings.n, alpha=settings.alpha, sigma=sigma, batch=settings.batch,
@@ -325,7 +327,11 @@ def certify_run(checkpoint: Path, settings: CertifySettings, out_dir: Path, labe
 
 def main(argv=None) -> int:
     p = cli.ArgumentParser(prog="sodm.certify", description=__doc__)
-    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint file, or an MLflow model: models:/<name>/<version>, runs:/<run id>/model")
+    p.add_argument("--mlflow-uri", default=None,
+                   help="tracking URI for a models:/ or runs:/ checkpoint (default: "
+                        "MLFLOW_TRACKING_URI, or ./mlflow.db)")
     p.add_argument("--out", required=True, type=Path, help="results TSV (resumed when it exists)")
     p.add_argument("--sigma", type=float, default=None, help="noise level (default: the checkpoint's)")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's")
@@ -379,6 +385,19 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise cli.UsageError(f"--out {args.out}: cannot create its folder ({e.strerror or e})") from None
+    with tempfile.TemporaryDirectory(prefix="sodm-model-") as tmp:
+        return _certify_cli(args, settings, tmp)
+
+
+def _certify_cli(args, settings: CertifySettings, tmp: str) -> int:
+    model_uri = None
+    if tracking.is_model_uri(args.checkpoint):
+        model_uri = args.checkpoint
+        try:
+            args.checkpoint = tracking.fetch_checkpoint(model_uri, args.mlflow_uri, tmp)
+        except ValueError as e:
+            raise cli.UsageError(str(e)) from None
+    args.checkpoint = Path(args.checkpoint)
     try:
         ckpt = load_checkpoint(args.checkpoint)
         if args.sigma is not None and abs(args.sigma - ckpt["sigma"]) > 1e-12:
@@ -390,7 +409,7 @@ def main(argv=None) -> int:
             data_dir=args.data_dir, split=args.split, device=args.device,
             num_workers=args.num_workers or 0, use_gpu=args.use_gpu,
             progress=not args.no_progress, download=args.download,
-            subset_note={"preset": args.preset},
+            subset_note={"preset": args.preset}, model_uri=model_uri,
             log=lambda line: print(f"sodm.certify: note: {line}", file=sys.stderr))
     except (CheckpointError, DataError, ClusterError) as e:
         raise cli.UsageError(str(e)) from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +31,7 @@ from sodm.config import ConfigError, TrainConfig
 from sodm.data import TrainData
 from sodm.loop import model_description, train
 from sodm.refresher import MappingRefresher, Newest, needs_refresher
-from sodm.tracking import log_metrics
+from sodm.tracking import SystemMetrics, log_metrics
 
 RUN_NAME = "ray_train"  # the Ray Train run inside out_dir: out_dir/ray_train/checkpoint_*/
 
@@ -243,8 +244,11 @@ def _worker(config: dict) -> None:
         def on_epoch(record):
             log_metrics(target["uri"], target["run_id"], record, step=record["epoch"])
 
-    train(cfg, resume=True, session=session, refresher=refresher, certify=False,
-          log=lambda s: print(s, flush=True), on_epoch=on_epoch)
+    with SystemMetrics(target["uri"], target["run_id"], target.get("system_metrics_interval", 10.0),
+                       enabled=bool(session.is_main and target.get("system_metrics"))) \
+            if target else nullcontext():
+        train(cfg, resume=True, session=session, refresher=refresher, certify=False,
+              log=lambda s: print(s, flush=True), on_epoch=on_epoch)
 
 
 def run_storage(cfg: TrainConfig, run_name: str = RUN_NAME) -> str:
@@ -259,7 +263,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = 
     the final checkpoint in this process. Resumes from out_dir when resume.
 
     callbacks: Ray Train callbacks (Tune's TuneReportCallback inside a trial); tracking:
-    {"uri", "run_id"} of the MLflow run that rank 0 logs every epoch to."""
+    {"uri", "run_id", "system_metrics", "system_metrics_interval"} of the MLflow run that rank 0
+    logs every epoch (and, when asked, system metrics) to."""
     out_dir = Path(cfg.out_dir).expanduser().resolve()
     storage = cfg.storage or str(out_dir)  # Ray Train's checkpoints: a local path or a URI
     if storage_exists(run_storage(cfg, run_name)) and not resume:

@@ -89,3 +89,15 @@ def format_table(rows: dict[str, Results], radii=TABLE_RADII) -> str:
         lines.append(f"{name:<{width}}  " + "  ".join(f"{a:>5.3f}" for a in acc)
                      + f"  {acr:>5.3f}  {len(res):>5d}")
     return "\n".join(lines)
+
+
+def format_markdown(rows: dict[str, Results], radii=TABLE_RADII) -> str:
+    """format_table's rows as a Markdown table (the paper's: certified accuracy at each radius,
+    ACR, and the number of images)."""
+    lines = ["| model | " + " | ".join(f"{r:.2f}" for r in radii) + " | ACR | n |",
+             "|---|" + "---:|" * (len(radii) + 2)]
+    for name, res in rows.items():
+        acc = certified_accuracy(res.radius, res.correct, radii)
+        acr = average_certified_radius(res.radius, res.correct)
+        lines.append(f"| {name} | " + " | ".join(f"{a:.3f}" for a in acc) + f" | {acr:.3f} | {len(res)} |")
+    return "\n".join(lines)

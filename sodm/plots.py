@@ -1,4 +1,4 @@
-"""Certified accuracy against radius, the curve every randomized-smoothing paper shows."""
+"""Certified accuracy against radius, the curve every randomized-smoothing paper shows; metrics per epoch."""
 
 from __future__ import annotations
 
@@ -33,8 +33,43 @@ def certified_accuracy_curve(results: dict[str, Results], path: str | Path,
     if title:
         ax.set_title(title)
     fig.tight_layout()
+    return _save(fig, path, labels=list(results))
+
+
+def per_epoch(panels: dict[str, dict[str, list[tuple[float, float]]]], path: str | Path,
+              title: str | None = None) -> Path:
+    """Write a PNG with one panel per metric (its key), one line per named run of (epoch, value)
+    points; returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4), squeeze=False)
+    for ax, (metric, series) in zip(axes[0], panels.items()):
+        for name, points in series.items():
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", markersize=3, label=name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path, labels=list(dict.fromkeys(n for s in panels.values() for n in s)))
+
+
+def _save(fig, path: str | Path, labels: list[str]) -> Path:
+    """Save a figure as PNG, its legend's labels also in the PNG's Description text (readable
+    without looking at the picture); close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Description": "\n".join(labels)})
     plt.close(fig)
     return path

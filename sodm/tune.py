@@ -32,6 +32,7 @@ from sodm.cluster import (ClusterError, StorageError, check_writable, init_ray, 
                           storage_exists, storage_fs, storage_join)
 from sodm.config import FLAT_CERT_KEYS, ConfigError, Resources, TrainConfig, make_config
 from sodm.data import load_dataset
+from sodm.metrics import read_results
 from sodm.refresher import needs_refresher
 
 # Ray (and sodm.distributed, which imports it) is imported where a search starts, not here:
@@ -135,6 +136,10 @@ class Final(CertifySettings):
 class MLflowTarget(Strict):
     experiment: str = "sodm"
     tracking_uri: Optional[str] = None
+    registered_model: Optional[str] = Field(None, description="the best trial's model is "
+                                            "registered under this name (default sodm-<space name>)")
+    system_metrics: bool = Field(True, description="CPU/GPU/memory of each trial, sampled into its run")
+    system_metrics_interval: float = Field(10.0, gt=0, description="seconds between samples")
 
 
 class SpaceFile(Strict):
@@ -272,11 +277,59 @@ def _trial(sampled: dict, *, space_json: str, search_uri: str, local_dir: str, u
     cfg = space_file.trial_config(sampled, str(Path(local_dir) / "trials" / trial_id))
     cfg = cfg.model_copy(update={"storage": storage_join(search_uri, "trials", trial_id)})
     tags = {"sodm.trial_id": trial_id, "mlflow.parentRunId": parent_run_id}
-    run_id = tracking.find_or_start_run(uri, experiment_id, tags, lambda: tracking.start_run(
-        uri, experiment_id, f"trial-{trial_id}", parent_run_id, params=cfg.model_dump(),
-        tags={"sodm.trial_id": trial_id}))
+
+    def new_run() -> str:
+        run_id = tracking.start_run(uri, experiment_id, f"trial-{trial_id}", parent_run_id,
+                                    params=cfg.model_dump(), tags={"sodm.trial_id": trial_id})
+        tracking.log_inputs(uri, run_id, tracking.data_inputs(cfg))
+        return run_id
+
+    run_id = tracking.find_or_start_run(uri, experiment_id, tags, new_run)
+    tracking.reopen(uri, run_id)  # a resumed trial: its run runs again
+    target = space_file.mlflow
     distributed.run(cfg, resume=True, certify=False, run_name=f"train-{trial_id}",
-                    callbacks=[TuneReportCallback()], tracking={"uri": uri, "run_id": run_id})
+                    callbacks=[TuneReportCallback()],
+                    tracking={"uri": uri, "run_id": run_id, "system_metrics": target.system_metrics,
+                              "system_metrics_interval": target.system_metrics_interval})
+
+
+def trial_end(last_result: dict, epochs: int, metric: str) -> tuple[str, str]:
+    """How a trial's MLflow run ends when Tune completes the trial: FINISHED when it trained all
+    its epochs, KILLED (with the reason) when the scheduler stopped it before."""
+    epoch = last_result.get("epoch")
+    if epoch is not None and epoch >= epochs:
+        return "FINISHED", f"trained all {epochs} epochs"
+    value = last_result.get(metric)
+    shown = f"{value:.4g}" if isinstance(value, (int, float)) else "none"
+    return "KILLED", (f"stopped by the scheduler after epoch {epoch} of {epochs} "
+                      f"({metric} {shown} below its rung's cutoff)")
+
+
+def end_trial_runs(space_file: SpaceFile, uri: str, experiment_id: str, parent_run_id: str):
+    """A Tune callback (in the search's driver) that ends each trial's MLflow run as the trial
+    ends: FINISHED, KILLED by the scheduler (reason tagged) or FAILED (the error tagged)."""
+    from ray import tune
+
+    def run_of(trial) -> str | None:
+        found = tracking.client(uri).search_runs(
+            [experiment_id], max_results=1, filter_string=(
+                f"tags.`sodm.trial_id` = '{trial.trial_id}' and "
+                f"tags.`mlflow.parentRunId` = '{parent_run_id}'"))
+        return found[0].info.run_id if found else None
+
+    class EndTrialRuns(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if run_id := run_of(trial):
+                epochs = space_file.trial_config(dict(trial.config), "/tmp/sodm-check").epochs
+                tracking.set_status(uri, run_id, *trial_end(trial.last_result or {}, epochs,
+                                                            space_file.search.metric))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            if run_id := run_of(trial):
+                error = str(getattr(trial, "error_file", None) or "see the trial's error.txt")
+                tracking.set_status(uri, run_id, "FAILED", f"the trial failed ({error})")
+
+    return EndTrialRuns()
 
 
 def search_algorithm(space_file: SpaceFile):
@@ -288,10 +341,10 @@ def search_algorithm(space_file: SpaceFile):
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=int(space_file.base.get("seed", 0)), points_to_evaluate=points)
-    if points:
+    if points:  # Tune ignores max_concurrent_trials beside a generator passed in: it says it here
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(points_to_evaluate=points)
+        return BasicVariantGenerator(points_to_evaluate=points, max_concurrent=s.max_concurrent_trials)
     return None
 
 
@@ -309,7 +362,7 @@ def build_tuner(space_file: SpaceFile, storage: str, name: str, local_dir: Path,
         bundles.append({"CPU": res.refresher_cpus, **({"GPU": res.refresher_gpus}
                                                          if res.use_gpu and res.refresher_gpus else {})})
     trainable = tune.with_resources(trainable, tune.PlacementGroupFactory(bundles))
-    if resume:
+    if resume:  # the callbacks come back with the rest of the run config
         return tune.Tuner.restore(search_uri, trainable=trainable, resume_errored=True)
     s = space_file.search
     scheduler = None
@@ -322,8 +375,11 @@ def build_tuner(space_file: SpaceFile, storage: str, name: str, local_dir: Path,
         param_space={k: d.to_tune() for k, d in space_file.space.items()},
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples,
                                     scheduler=scheduler, search_alg=search_algorithm(space_file),
-                                    max_concurrent_trials=s.max_concurrent_trials),
-        run_config=tune.RunConfig(name=name, storage_path=storage),
+                                    max_concurrent_trials=(None if s.points_to_evaluate and
+                                                           s.algorithm != "tpe"
+                                                           else s.max_concurrent_trials)),
+        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[
+            end_trial_runs(space_file, uri, experiment_id, parent_run_id)]),
     )
 
 
@@ -346,30 +402,43 @@ def newest_checkpoint(reported: str) -> str | None:
             else found[-1])
 
 
+def fetch_trial_checkpoint(t: dict, log) -> Path | None:
+    """A trial's last checkpoint, copied from storage into its local folder (t["checkpoint"]);
+    None, said, when it has none."""
+    if t.get("checkpoint"):
+        return t["checkpoint"]
+    import ray.train
+
+    if not t.get("checkpoint_path"):
+        log(f"{t['label']}: no checkpoint")
+        return None
+    found = newest_checkpoint(t["checkpoint_path"])
+    if found is None:
+        log(f"{t['label']}: its checkpoints are gone from storage")
+        return None
+    out_dir = Path(t["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with ray.train.Checkpoint(found).as_directory() as d:
+        shutil.copyfile(Path(d) / "checkpoint.pt", out_dir / "checkpoint.pt")
+    t["checkpoint"] = out_dir / "checkpoint.pt"
+    return t["checkpoint"]
+
+
 def certify_trials(space_file: SpaceFile, trials: list[dict], uri: str, log) -> None:
     """Certify each trial's last checkpoint (fetched from storage) with the space's final
     settings, in the trial's local folder; log the results to the trial's MLflow run."""
-    import ray.train
-
     final = space_file.final
     for t in trials:
+        ckpt_path = fetch_trial_checkpoint(t, log)
+        if ckpt_path is None:
+            log(f"{t['label']}: not certified")
+            continue
         out_dir = Path(t["out_dir"])
-        if not t.get("checkpoint_path"):
-            log(f"trial {t['trial_id']}: no checkpoint to certify")
-            continue
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_path = out_dir / "checkpoint.pt"
-        found = newest_checkpoint(t["checkpoint_path"])
-        if found is None:
-            log(f"trial {t['trial_id']}: its checkpoints are gone from storage; not certified")
-            continue
-        with ray.train.Checkpoint(found).as_directory() as d:
-            shutil.copyfile(Path(d) / "checkpoint.pt", ckpt_path)
         trained = TrainConfig(**run_config(load_checkpoint(ckpt_path)))
         settings = final.settings()
         if "seed" not in final.model_fields_set:  # certify with the trial's seed unless set
             settings = settings.model_copy(update={"seed": trained.seed})
-        summary = certify_run(ckpt_path, settings, out_dir, f"trial {t['trial_id']}", log,
+        summary = certify_run(ckpt_path, settings, out_dir, t["label"], log,
                               device="auto" if trained.use_gpu else "cpu", progress=False,
                               num_workers=final.num_workers, use_gpu=final.use_gpu)
         t.update(acr=summary["acr"], certification=summary)
@@ -377,16 +446,17 @@ def certify_trials(space_file: SpaceFile, trials: list[dict], uri: str, log) -> 
         tracking.log_metrics(uri, run_id, {k: v for k, v in summary.items() if k != "count"})
         for name in ("certify.tsv", "certify.tsv.json", "certify.png"):
             tracking.log_artifact(uri, run_id, out_dir / name, "certification")
-        tracking.log_artifact(uri, run_id, ckpt_path, "checkpoint")
+        record = json.loads((out_dir / "certify.tsv.json").read_text())
+        tracking.log_inputs(uri, run_id, [tracking.certified_input(record, trained.data_dir)])
 
 
-def summary_table(trials: list[dict], keys: list[str]) -> str:
-    head = ["trial"] + keys + ["epochs", "acr_quick", "acr"]
+def summary_table(trials: list[dict], keys: list[str], metric: str = "acr_plugin") -> str:
+    head = ["trial"] + keys + ["epochs", metric, "acr_quick", "acr"]
     rows = [head]
     for t in trials:
         acr = t.get("acr")
         rows.append([t["trial_id"]] + [_fmt(t["params"].get(k)) for k in keys]
-                    + [str(t.get("epoch", "-")), _fmt(t.get("acr_quick")),
+                    + [str(t.get("epoch", "-")), _fmt(t.get("metric")), _fmt(t.get("acr_quick")),
                        "-" if acr is None else f"{acr:.3f}"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
@@ -477,6 +547,7 @@ def run_search(space_file: SpaceFile, path: Path, storage: str, name: str, local
             **{f"space.{k}": d.model_dump(exclude_none=True) for k, d in space_file.space.items()}}))
     parent = (tracking.find_or_start_run(uri, experiment_id, {"sodm.search": search_uri}, new_parent)
               if resume else new_parent())
+    tracking.reopen(uri, parent)
     tracking.log_artifact(uri, parent, path)
     log(f"search {search_uri} -> MLflow {uri} (experiment {space_file.mlflow.experiment}, run {parent})")
 
@@ -493,10 +564,15 @@ def run_search(space_file: SpaceFile, path: Path, storage: str, name: str, local
     tuner = build_tuner(space_file, storage, name, local_dir, uri, experiment_id, parent, resume)
     grid, interrupted = _fit_noting_interrupt(tuner)
     if interrupted:
+        reason = "search interrupted; python -m sodm.tune --resume continues it"
+        for run_id in tracking.running_children(uri, experiment_id, parent):
+            tracking.set_status(uri, run_id, "KILLED", reason)
+        tracking.set_status(uri, parent, "KILLED", reason)
         log(f"search interrupted; its state is saved. Continue it with: python -m sodm.tune "
             f"--space {path} --resume" + (f" --name {name}" if name != space_file.name else ""))
         ray.shutdown()
         return 130
+    metric = space_file.search.metric
     trials = []
     for r in grid:
         m = r.metrics or {}
@@ -507,28 +583,107 @@ def run_search(space_file: SpaceFile, path: Path, storage: str, name: str, local
                                        tags={"sodm.trial_id": trial_id}))
         trials.append({"trial_id": trial_id, "params": r.config, "run_id": run_id,
                        "out_dir": str(local_dir / "trials" / trial_id), "epoch": m.get("epoch"),
-                       "acr_quick": m.get("acr_quick"), "checkpoint_path": m.get("checkpoint_path"),
-                       "error": r.error})
-    ranked = sorted([t for t in trials if t["acr_quick"] is not None],
-                    key=lambda t: t["acr_quick"], reverse=space_file.search.mode == "max")
+                       "metric": m.get(metric), "acr_quick": m.get("acr_quick"),
+                       "checkpoint_path": m.get("checkpoint_path"), "error": r.error,
+                       "last_result": m})
+    keys = list(space_file.space)
+    for t in trials:
+        t["label"] = trial_label(t, keys)
+    ranked = sorted([t for t in trials if isinstance(t["metric"], (int, float))],
+                    key=lambda t: t["metric"], reverse=space_file.search.mode == "max")
     top = ranked if space_file.final.top_k == "all" else ranked[: space_file.final.top_k]
     certify_trials(space_file, top, uri, log)
-    for t in trials:
-        tracking.set_status(uri, t["run_id"], "FAILED" if t["error"] else "FINISHED")
-    table = summary_table(trials, list(space_file.space))
-    log(table)
-    (local_dir / "summary.txt").write_text(table + "\n")
-    tracking.log_artifact(uri, parent, local_dir / "summary.txt")
-    certified = [t for t in top if t.get("acr") is not None]
-    if certified:
-        best = max(certified, key=lambda t: t["acr"])
-        tracking.log_metrics(uri, parent, {"best_acr": best["acr"], "trials": len(trials)})
+    for t in trials:  # every trial's model, logged to its run
+        if not t["error"] and fetch_trial_checkpoint(t, log) is not None:
+            t["model_uri"] = tracking.log_model(uri, t["run_id"], t["checkpoint"])
+    for run_id in tracking.running_children(uri, experiment_id, parent):  # what no callback ended
+        t = next((t for t in trials if t["run_id"] == run_id), None)
+        epochs = space_file.trial_config(dict(t["params"]), str(local_dir)).epochs if t else 0
+        status, reason = trial_end(t["last_result"] if t else {}, epochs, metric)
+        tracking.set_status(uri, run_id, "FAILED" if t and t["error"] else status, reason)
+    end_search_run(space_file, trials, top, uri, parent, local_dir, log)
     errors = [t for t in trials if t["error"]]
-    tracking.set_status(uri, parent, "FAILED" if errors else "FINISHED")
+    tracking.set_status(uri, parent, "FAILED" if errors else "FINISHED",
+                        f"{len(errors)} trials failed" if errors else None)
     for t in errors:
         log(f"trial {t['trial_id']} failed: {str(t['error']).splitlines()[0]}")
     ray.shutdown()
     return 1 if errors else 0
+
+
+def trial_label(t: dict, keys: list[str]) -> str:
+    """A trial's name in tables and legends: its id and its searched values (beta, rho, m, n
+    first)."""
+    shown = [k for k in ("beta", "rho", "m", "n") if k in keys] + \
+        [k for k in keys if k not in ("beta", "rho", "m", "n")]
+    return f"trial {t['trial_id']} (" + ", ".join(f"{k}={_fmt(t['params'].get(k))}"
+                                                    for k in shown) + ")"
+
+
+def end_search_run(space_file: SpaceFile, trials: list[dict], top: list[dict], uri: str,
+                   parent: str, local_dir: Path, log) -> None:
+    """What the search's own MLflow run holds at the end: the table of trials (text and CSV),
+    the certified trials' curves overlaid, every trial's selection metric per epoch, the best
+    trial (tag, ACR) and its model registered."""
+    from sodm.plots import certified_accuracy_curve, per_epoch
+
+    keys = list(space_file.space)
+    table = summary_table(trials, keys, space_file.search.metric)
+    log(table)
+    (local_dir / "summary.txt").write_text(table + "\n")
+    write_trials_csv(trials, keys, uri, local_dir / "trials.csv")
+    artifacts = [local_dir / "summary.txt", local_dir / "trials.csv"]
+    certified = [t for t in top if t.get("acr") is not None]
+    if certified:
+        results = {t["label"]: read_results(Path(t["out_dir"]) / "certify.tsv") for t in certified}
+        artifacts.append(certified_accuracy_curve(
+            results, local_dir / "certified_accuracy.png",
+            title=f"{space_file.name}: the certified trials"))
+    c = tracking.client(uri)
+    panels = {}
+    for key in dict.fromkeys([space_file.search.metric, "acr_quick"]):
+        panels[key] = {t["label"]: [(m.step, m.value) for m in
+                                    sorted(c.get_metric_history(t["run_id"], key), key=lambda m: m.step)]
+                       for t in trials}
+    artifacts.append(per_epoch(panels, local_dir / "selection_per_epoch.png",
+                               title=f"{space_file.name}: validation metrics per epoch"))
+    for artifact in artifacts:
+        tracking.log_artifact(uri, parent, artifact)
+    tracking.log_metrics(uri, parent, {"trials": len(trials)})
+    with_model = [t for t in trials if t.get("model_uri")]
+    best = (max(certified, key=lambda t: t["acr"]) if certified
+            else next((t for t in top if t.get("model_uri")), None))
+    if best is None:
+        return
+    c.set_tag(parent, "best_run_id", best["run_id"])
+    c.set_tag(parent, "best_trial", best["label"])
+    if best.get("acr") is not None:
+        tracking.log_metrics(uri, parent, {"best_acr": best["acr"]})
+    if best in with_model:
+        name = space_file.mlflow.registered_model or f"sodm-{space_file.name}"
+        version = tracking.register_model(uri, best["run_id"], name)
+        c.set_tag(parent, "registered_model", f"models:/{name}/{version}")
+        log(f"best trial {best['label']}: registered as models:/{name}/{version}")
+
+
+def write_trials_csv(trials: list[dict], keys: list[str], uri: str, path: Path) -> Path:
+    """The table of trials as CSV: id, run, status, searched values, epochs, metrics, and the
+    certification (certified accuracy at each radius, ACR) where there is one."""
+    import csv
+
+    from sodm.metrics import TABLE_RADII
+
+    radii = [f"cert_acc_{r:.2f}" for r in TABLE_RADII]
+    c = tracking.client(uri)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trial", "run_id", "status", *keys, "epochs", "metric", "acr_quick", *radii, "acr"])
+        for t in trials:
+            cert = t.get("certification") or {}
+            w.writerow([t["trial_id"], t["run_id"], c.get_run(t["run_id"]).info.status,
+                        *[t["params"].get(k) for k in keys], t.get("epoch"), t.get("metric"),
+                        t.get("acr_quick"), *[cert.get(r) for r in radii], t.get("acr")])
+    return path
 
 
 def console() -> None:

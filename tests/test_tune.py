@@ -216,6 +216,8 @@ def test_search_algorithms_take_the_points_first(tmp_path):
     random_space = tune.load_space(str(write(tmp_path, with_("search.points_to_evaluate", [point]))))[1]
     alg = tune.search_algorithm(random_space)
     assert type(alg).__name__ == "BasicVariantGenerator" and alg._points_to_evaluate == [point]
+    # Tune ignores max_concurrent_trials beside a generator given to it: the generator holds it
+    assert alg.max_concurrent == random_space.search.max_concurrent_trials
     assert tune.search_algorithm(tune.load_space(str(write(tmp_path, GOOD, "plain.yaml")))[1]) is None
     pytest.importorskip("optuna")  # the `tpe` extra (installed with `dev`)
     doc = with_("search.points_to_evaluate", [point])
