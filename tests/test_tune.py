@@ -133,15 +133,19 @@ def test_search_interrupted_resumed_and_recorded_in_mlflow(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode != 0, out[-3000:]
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    interrupted = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert interrupted and all(r.info.status != "RUNNING" for r in interrupted)  # none left open
+    unfinished = [r for r in interrupted if r.info.status == "KILLED"]
+    assert unfinished and all("search interrupted" in r.data.tags["sodm.end_reason"] for r in unfinished)
 
     done = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "acr_quick" in done.stdout and "acr" in done.stdout
 
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     mlflow.set_tracking_uri(f"sqlite:///{db}")
     runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -154,7 +158,8 @@ def test_search_interrupted_resumed_and_recorded_in_mlflow(tmp_path):
         assert sorted(m.step for m in history)[-1] == 3  # every epoch, up to the last
         artifacts = [a.path for a in client.list_artifacts(child.info.run_id, "certification")]
         assert "certification/certify.tsv" in artifacts and "certification/certify.png" in artifacts
-        assert child.info.status == "FINISHED"
+        assert child.info.status == "FINISHED"  # the interrupted ones reopened and ended
+        assert "sodm.end_reason" not in child.data.tags or "all 3 epochs" in child.data.tags["sodm.end_reason"]
         local = tmp_path / "sodm_work" / "tiny" / "trials" / child.data.tags["sodm.trial_id"]
         provenance = (local / "certify.tsv.json").read_text()
         assert "ray: 2 CPU workers" in provenance
