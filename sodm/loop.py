@@ -146,6 +146,11 @@ def state_digest(module: torch.nn.Module) -> str:
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
+    if "val_size" not in saved:  # trained before the validation split: it selected on test images
+        raise ConfigError(f"{cfg.out_dir} holds a run from before the validation split (its "
+                          "per-epoch metrics used test images, and its training set included "
+                          "what is now the validation split); it cannot be resumed: use another "
+                          "out_dir, or --init-checkpoint to start a new run from its weights")
     now = cfg.model_dump()
     diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if diff:

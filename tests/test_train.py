@@ -255,3 +255,16 @@ def test_training_never_reads_a_test_image(tmp_path, monkeypatch):
     history = loop.train(cfg, log=quiet, certify=False)["history"]
     assert reads and "test" not in reads, reads
     assert "val_clean_acc" in history[-1] and "test_clean_acc" not in history[-1]
+
+
+def test_a_run_from_before_the_validation_split_is_not_resumed(tmp_path):
+    """Its per-epoch metrics were measured on test images and it trained on what is now the
+    validation split: resuming it would mix the two regimes silently."""
+    cfg = make_config(**{**FAST, "epochs": 2}, out_dir=str(tmp_path / "old"))
+    loop.train(cfg.model_copy(update={"epochs": 1}), log=quiet)
+    path = tmp_path / "old" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["val_size"]  # as written before the split existed
+    torch.save(ckpt, path)
+    with pytest.raises(ConfigError, match="from before the validation split"):
+        loop.train(cfg, resume=True, log=quiet)
