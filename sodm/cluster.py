@@ -14,9 +14,11 @@ from pathlib import Path
 
 from sodm import cli
 
-# In practice Ray refuses working directories zipped past ~100 MiB; its hard cap is the gRPC
-# message size. Fail at the practical limit.
-DEFAULT_LIMIT_MIB = 100
+# Ray 2.60 refuses a zipped working directory at its gRPC message cap, 512 MiB
+# (ray_constants.GRPC_CPP_MAX_MESSAGE_SIZE, RAY_max_grpc_message_size), and warns from half of it
+# (runtime_env/packaging.py PACKAGE_SIZE_WARNING).
+DEFAULT_LIMIT_MIB = 512
+WARNING_MIB = DEFAULT_LIMIT_MIB / 2
 
 
 def is_uri(path: str) -> bool:
@@ -125,7 +127,9 @@ def check_workdir(directory: Path, limit_mib: float = DEFAULT_LIMIT_MIB) -> str:
         raise cli.UsageError(f"the working directory {directory} zips to {mib:.1f} MiB, over the "
                              f"{limit_mib:.0f} MiB Ray accepts; exclude files in .rayignore "
                              f"(largest: {biggest}) and keep data and runs on shared storage")
-    return f"{directory}: {mib:.2f} MiB to upload (limit {limit_mib:.0f} MiB): ok"
+    note = (f"; Ray warns from {WARNING_MIB:.0f} MiB and every job uploads it: keep data and "
+            "runs out of it" if mib > WARNING_MIB else "")
+    return f"{directory}: {mib:.2f} MiB to upload (limit {limit_mib:.0f} MiB): ok{note}"
 
 
 def main(argv=None) -> int:

@@ -38,7 +38,11 @@ from sodm.refresher import needs_refresher
 # Ray (and sodm.distributed, which imports it) is imported where a search starts, not here:
 # `--check` and a bad space file answer in a second instead of after Ray's import.
 
-TUNE_SPACES = Path(__file__).resolve().parent.parent / "tune_spaces"
+# The shipped spaces: inside the installed package (setup.py copies them there), or, in a
+# checkout, the top-level tune_spaces/ they are copied from.
+_PACKAGE = Path(__file__).resolve().parent
+TUNE_SPACES = next((d for d in (_PACKAGE / "tune_spaces", _PACKAGE.parent / "tune_spaces")
+                    if d.is_dir()), _PACKAGE / "tune_spaces")
 DEFAULT_STORAGE = "ray_results"
 
 
@@ -109,6 +113,8 @@ class Search(Strict):
     max_concurrent_trials: int = Field(1, ge=1)
     # Points evaluated first (the paper's settings, typically): a value for every searched key.
     points_to_evaluate: list[dict[str, Any]] = []
+    max_failures: int = Field(2, ge=0, description="times a failed trial (say its driver's node "
+                              "was lost) is relaunched; it resumes from its checkpoint")
 
 
 class TrialResources(Resources):
@@ -378,8 +384,10 @@ def build_tuner(space_file: SpaceFile, storage: str, name: str, local_dir: Path,
                                     max_concurrent_trials=(None if s.points_to_evaluate and
                                                            s.algorithm != "tpe"
                                                            else s.max_concurrent_trials)),
-        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[
-            end_trial_runs(space_file, uri, experiment_id, parent_run_id)]),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            callbacks=[end_trial_runs(space_file, uri, experiment_id, parent_run_id)]),
     )
 
 

@@ -255,3 +255,40 @@ def test_a_trial_whose_reported_checkpoint_is_gone_is_certified_from_its_newest(
     assert tune.newest_checkpoint(run.as_uri() + "/" + old.name) == run.as_uri() + "/" + new.name
     (new / "checkpoint.pt").unlink()
     assert tune.newest_checkpoint(str(old)) is None
+
+
+def test_a_failed_trial_is_relaunched(tmp_path):
+    """Tune relaunches a failed trial (its driver lost) max_failures times; the trial resumes
+    from its checkpoint (distributed.run(resume=True))."""
+    space_file = tune.load_space(str(write(tmp_path, with_("search.max_failures", 3))))[1]
+    tuner = tune.build_tuner(space_file, str(tmp_path / "runs"), "t", tmp_path, "sqlite:///x.db",
+                             "0", "parent", resume=False)
+    assert tuner._local_tuner._run_config.failure_config.max_failures == 3
+
+
+@pytest.mark.slow
+def test_a_wheel_ships_the_spaces(tmp_path):
+    """A non-editable install finds the shipped spaces by bare name from any folder."""
+    root = Path(tune.__file__).resolve().parent.parent
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                            "-q", "-w", str(tmp_path / "dist"), str(root)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("sodm-*.whl"))
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = sorted(Path(n).name for n in names if n.startswith("sodm/tune_spaces/"))
+    assert shipped == sorted(p.name for p in (root / "tune_spaces").glob("*.yaml"))
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(site)  # what pip puts in site-packages for a pure-Python wheel
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    found = subprocess.run([sys.executable, "-c", "from sodm import tune; "
+                            "print(tune.find_space('cifar10.yaml')); print(tune.__file__)"],
+                           cwd=empty, env={**os.environ, "PYTHONPATH": str(site)},
+                           capture_output=True, text=True, timeout=120)
+    assert found.returncode == 0, found.stderr[-2000:]
+    space, module = found.stdout.split()
+    assert Path(module).is_relative_to(site) and Path(space) == site / "sodm" / "tune_spaces" / "cifar10.yaml"
