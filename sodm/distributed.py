@@ -9,6 +9,7 @@ The actor outlives worker-group restarts; its state is part of every checkpoint.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -275,7 +276,10 @@ def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = 
         raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of num_workers {cfg.num_workers}")
     init_ray()
     if cfg.use_gpu and not ray.cluster_resources().get("GPU"):
-        raise ConfigError("use_gpu: the Ray cluster has no GPU")
+        if not os.environ.get("RAY_ADDRESS"):  # Ray started here, on this machine: it cannot grow
+            raise ConfigError("use_gpu: this machine's Ray has no GPU")
+        # a cluster at min_workers 0 has no GPU node until the autoscaler adds one for this run
+        log("use_gpu: the cluster has no GPU node yet; the workers wait for the autoscaler to add one")
     refresher = None
     if needs_refresher(cfg):
         refresher = RefresherActor.options(

@@ -14,10 +14,12 @@ import argparse
 import itertools
 import json
 import math
+import os
 import shutil
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -536,10 +538,30 @@ def _fit_noting_interrupt(tuner):
 
     previous = signal.signal(signal.SIGINT, sentinel)
     try:
-        grid = tuner.fit()
+        with sigterm_as_sigint():
+            grid = tuner.fit()
         return grid, signal.getsignal(signal.SIGINT) is sentinel
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def sigterm_as_sigint():
+    """SIGTERM handled as Ctrl-C while the search runs: `ray job stop` and Kubernetes send
+    SIGTERM, and Tune saves its state only on SIGINT. (The job's stop wait must leave time for
+    the save: RAY_JOB_STOP_WAIT_TIME_S on the head, terminationGracePeriodSeconds on a pod.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum, frame):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_search(space_file: SpaceFile, path: Path, storage: str, name: str, local_dir: Path,
@@ -610,6 +632,9 @@ def run_search(space_file: SpaceFile, path: Path, storage: str, name: str, local
         status, reason = trial_end(t["last_result"] if t else {}, epochs, metric)
         tracking.set_status(uri, run_id, "FAILED" if t and t["error"] else status, reason)
     end_search_run(space_file, trials, top, uri, parent, local_dir, log)
+    if is_uri(search_uri):  # the summaries and certifications beside the search's state
+        copied = publish(local_dir, search_uri)
+        log(f"summary and {copied - 1} more files copied to {search_uri}")
     errors = [t for t in trials if t["error"]]
     tracking.set_status(uri, parent, "FAILED" if errors else "FINISHED",
                         f"{len(errors)} trials failed" if errors else None)
@@ -617,6 +642,25 @@ def run_search(space_file: SpaceFile, path: Path, storage: str, name: str, local
         log(f"trial {t['trial_id']} failed: {str(t['error']).splitlines()[0]}")
     ray.shutdown()
     return 1 if errors else 0
+
+
+PUBLISHED = ("summary.txt", "trials.csv", "*.png", "trials/*/certify.tsv",
+             "trials/*/certify.tsv.json", "trials/*/certify.png")
+
+
+def publish(local_dir: Path, search_uri: str) -> int:
+    """Copy the search's summaries and its trials' certifications from the local work folder to
+    the search's storage URI (where the README says they are); returns how many files."""
+    fs, base = storage_fs(search_uri)
+    count = 0
+    for pattern in PUBLISHED:
+        for path in sorted(local_dir.glob(pattern)):
+            target = f"{base.rstrip('/')}/{path.relative_to(local_dir).as_posix()}"
+            fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            with fs.open_output_stream(target) as out:
+                out.write(path.read_bytes())
+            count += 1
+    return count
 
 
 def trial_label(t: dict, keys: list[str]) -> str:

@@ -137,3 +137,26 @@ def test_certification_spread_over_workers_gives_the_same_rows(local_ray, digits
     certify_subset_on_ray(job, indices, settings, out=tmp_path / "two.tsv", num_workers=2,
                           use_gpu=False, progress=False)
     assert rows("two.tsv") == rows("one.tsv")
+
+
+def test_use_gpu_on_a_machine_without_one_is_refused_but_a_cluster_may_grow(local_ray, tmp_path,
+                                                                            monkeypatch):
+    cfg = make_config(**FAST, epochs=1, use_gpu=True, out_dir=str(tmp_path / "gpu"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match="this machine's Ray has no GPU"):
+        distributed.run(cfg, log=lambda s: None)
+    # Joined to a cluster (RAY_ADDRESS): no GPU node yet is what an autoscaling cluster at
+    # min_workers 0 shows before the first request; the run says so and asks for one.
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    said = []
+
+    class Asked(Exception):
+        pass
+
+    def stop_at_trainer(*args, **kwargs):
+        raise Asked
+
+    monkeypatch.setattr(distributed, "TorchTrainer", stop_at_trainer)
+    with pytest.raises(Asked):
+        distributed.run(cfg, log=said.append)
+    assert any("wait for the autoscaler" in s for s in said)

@@ -164,6 +164,10 @@ def test_search_interrupted_resumed_and_recorded_in_mlflow(tmp_path):
         provenance = (local / "certify.tsv.json").read_text()
         assert "ray: 2 CPU workers" in provenance
     assert (search / "summary.txt").exists()
+    # with a URI --storage the summaries and certifications are copied beside the search's state
+    stored = tmp_path / "runs" / "tiny"
+    assert (stored / "summary.txt").exists() and (stored / "trials.csv").exists()
+    assert len(list(stored.glob("trials/*/certify.tsv"))) == 2
     assert list((tmp_path / "runs" / "tiny" / "trials").glob("*/train-*/checkpoint_*/checkpoint.pt"))
 
 
@@ -292,3 +296,20 @@ def test_a_wheel_ships_the_spaces(tmp_path):
     assert found.returncode == 0, found.stderr[-2000:]
     space, module = found.stdout.split()
     assert Path(module).is_relative_to(site) and Path(space) == site / "sodm" / "tune_spaces" / "cifar10.yaml"
+
+
+def test_sigterm_reaches_tune_as_ctrl_c():
+    """`ray job stop` sends SIGTERM; Tune saves its state only on SIGINT: while a search runs,
+    SIGTERM is forwarded as SIGINT (then the old handlers come back)."""
+    got = []
+    previous = signal.signal(signal.SIGINT, lambda s, f: got.append(s))
+    try:
+        with tune.sigterm_as_sigint():
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.time() + 5
+            while not got and time.time() < deadline:
+                time.sleep(0.01)
+        assert got == [signal.SIGINT]
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
