@@ -130,8 +130,27 @@ def ray_head(tmp_path):
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_under(temp)  # not `ray stop`: that stops every Ray on the machine, a user's too
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_ray_under(temp: Path) -> None:
+    """Stop the Ray instance whose temp dir is `temp` (its GCS, raylet, dashboard: their command
+    lines name it; its workers exit with them), and no other."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(temp) in arg for arg in p.info["cmdline"] or []):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    for p in procs:
+        p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    for p in alive:
+        p.kill()
 
 
 @pytest.mark.slow
