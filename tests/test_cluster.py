@@ -175,7 +175,7 @@ def test_ray_job_submit_runs_a_search(ray_head, tmp_path):
              "--no-wait", "--", "python", "-m", "sodm.tune", "--space", str(space),
              "--storage", str(tmp_path / "results"), "--mlflow-uri", f"sqlite:///{db}"],
             env=env, capture_output=True, text=True, timeout=180)
-        if "No available agent" not in submit.stderr or time.time() > deadline:
+        if "No available agent" not in submit.stdout + submit.stderr or time.time() > deadline:
             break
         time.sleep(3)
     assert submit.returncode == 0, submit.stdout + submit.stderr
