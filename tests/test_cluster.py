@@ -117,7 +117,7 @@ def _free_port() -> int:
 def ray_head(tmp_path):
     """A local Ray head started by its own process, stopped at the end."""
     ray_bin = Path(sys.executable).parent / "ray"
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -125,7 +125,10 @@ def ray_head(tmp_path):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     temp = Path("/tmp") / f"rayhead{port}"  # short: Ray's socket paths have a length limit
     subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=4",
-                    f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}"],
+                    f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
+                    # its own job agent port: another Ray on the machine holds the default (52365),
+                    # and a head whose agent cannot bind answers "No available agent"
+                    f"--dashboard-agent-listen-port={agent}"],
                    env=env, check=True, capture_output=True, timeout=120)
     try:
         yield f"http://127.0.0.1:{dash}", env
