@@ -64,6 +64,11 @@ class RaySession:
             write(Path(d) / "checkpoint.pt")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
+    def report_again(self, record: dict) -> None:
+        """Report the restored checkpoint and its record once more (every rank, a barrier)."""
+        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        ray.train.report(metrics, checkpoint=ray.train.get_checkpoint() if self.is_main else None)
+
     def wrap(self, model):
         if self.world_size == 1:
             return model

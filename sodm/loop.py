@@ -175,6 +175,9 @@ class LocalSession:
     def save(self, write: Callable[[Path], None], record: dict) -> None:
         write(self.ckpt_path)
 
+    def report_again(self, record: dict) -> None:
+        """Nobody watches a local run's reports: nothing to say again."""
+
     def wrap(self, model):
         return model
 
@@ -454,6 +457,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
         (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2) + "\n")
         log(f"{cfg.method}: n = {cfg.n} noise copies per input; {precision_note(session.device, cfg.amp)}")
     state.net.train()
+    if ckpt is not None and (start_epoch >= cfg.epochs or state.budget_spent) and state.history:
+        # Resumed with nothing left to train (stopped after its last checkpoint): report how it
+        # ended once more, or a watcher (Tune) that lost the report would see no result at all.
+        session.report_again(state.history[-1])
     for epoch in range(start_epoch, cfg.epochs):
         if state.budget_spent:
             break

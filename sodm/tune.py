@@ -604,14 +604,19 @@ def run_search(space_file: SpaceFile, path: Path, storage: str, name: str, local
         return 130
     metric = space_file.search.metric
     trials = []
+    configs = None  # every trial's config, from the search's state, for one that ended unreported
     for r in grid:
         m = r.metrics or {}
         trial_id = m.get("trial_id") or Path(r.path or "?").name
+        params = r.config
+        if params is None:
+            configs = configs or tune.ExperimentAnalysis(search_uri).get_all_configs()
+            params = configs.get(trial_id, {})
         run_id = tracking.find_or_start_run(
             uri, experiment_id, {"sodm.trial_id": trial_id, "mlflow.parentRunId": parent},
             lambda: tracking.start_run(uri, experiment_id, f"trial-{trial_id}", parent,
                                        tags={"sodm.trial_id": trial_id}))
-        trials.append({"trial_id": trial_id, "params": r.config, "run_id": run_id,
+        trials.append({"trial_id": trial_id, "params": params, "run_id": run_id,
                        "out_dir": str(local_dir / "trials" / trial_id), "epoch": m.get("epoch"),
                        "metric": m.get(metric), "acr_quick": m.get("acr_quick"),
                        "checkpoint_path": m.get("checkpoint_path"), "error": r.error,

@@ -1,5 +1,6 @@
 """Ray Train on the CPU: two DDP workers plus the refresher actor on `digits`."""
 
+import json
 import logging
 import os
 import signal
@@ -67,6 +68,24 @@ def test_two_workers_and_refresher(local_ray, tmp_path):
     # A finished run is not overwritten without --resume.
     with pytest.raises(ConfigError, match="already holds a run"):
         distributed.run(cfg, certify=False)
+    # Resumed with nothing left to train (a search killed after a trial's last checkpoint but
+    # before Tune saw its report), it reports its end again, with the checkpoint: Tune would
+    # otherwise end the trial with no result, no config and no checkpoint path.
+    seen = tmp_path / "reports.jsonl"
+
+    class _Reports(ray.train.UserCallback):  # defined here: Ray pickles it by value
+        def __init__(self, path):
+            self.path = path
+
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(self.path, "a") as f:
+                f.write(json.dumps({**metrics[0], "checkpoint": checkpoint is not None}) + "\n")
+
+    again = distributed.run(cfg, resume=True, certify=False, callbacks=[_Reports(str(seen))])
+    reports = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert [r["epoch"] for r in reports] == [4] and reports[0]["checkpoint"]
+    assert reports[0]["loss"] == history[-1]["loss"]
+    assert [h["epoch"] for h in again["history"]] == [1, 2, 3, 4]
 
 
 def _kill_when(path, epoch_line, class_name, killed):
