@@ -1,8 +1,10 @@
 """Where runs live and which Ray they join: storage paths and URIs, joining a cluster (or starting
-a local instance), and `python -m sodm.cluster check-workdir [DIR]`: what `ray job submit
---working-dir DIR` would upload, checked before it is uploaded. Ray zips the directory (minus
-.gitignore and .rayignore patterns) into its object store, whose cap fails a job late and
-obscurely; this says it first, with the largest files to exclude."""
+a local instance), what a Ray Train worker reserves and where trials land on nodes of one shape
+(`python -m sodm.tune --space S --fit CPU=8,GPU=1` prints it), and
+`python -m sodm.cluster check-workdir [DIR]`: what `ray job submit --working-dir DIR` would upload,
+checked before it is uploaded. Ray zips the directory (minus .gitignore and .rayignore patterns)
+into its object store, whose cap fails a job late and obscurely; this says it first, with the
+largest files to exclude."""
 
 from __future__ import annotations
 
@@ -95,6 +97,63 @@ def init_ray(**kwargs) -> None:
         address = os.environ.get("RAY_ADDRESS") or None
         check_address(address)
         ray.init(address=address, **kwargs)
+
+
+def worker_bundle(res) -> dict[str, float]:
+    """What one Ray Train worker reserves (res: a TrainConfig or a space file's resources)."""
+    return {"CPU": res.worker_cpus, **({"GPU": res.worker_gpus} if res.use_gpu else {})}
+
+
+def _fits(free: dict[str, float], want: dict[str, float]) -> bool:
+    return all(free.get(k, 0.0) >= v - 1e-9 for k, v in want.items())
+
+
+def _take(free: dict[str, float], want: dict[str, float]) -> None:
+    for k, v in want.items():
+        free[k] = free.get(k, 0.0) - v
+
+
+def place_trials(trials: list[tuple[list[dict], list[dict]]], node: dict[str, float]) -> list[dict]:
+    """Where concurrent trials land on nodes of one shape, first fit, in the order Ray makes the
+    groups: a trial's own placement group (its driver and refresher bundles, packed on one node),
+    then its Ray Train workers (one bundle each). Returns the nodes used, each {"free": ...,
+    "holds": [label, ...]}; a bundle larger than a node raises ValueError."""
+    nodes: list[dict] = []
+
+    def put(bundles: list[dict], label: str) -> None:
+        total: dict[str, float] = {}
+        for b in bundles:
+            for k, v in b.items():
+                total[k] = total.get(k, 0.0) + v
+        if not _fits(node, total):
+            raise ValueError(f"{label} ({format_bundle(total)}) is larger than a node ({format_bundle(node)})")
+        target = next((n for n in nodes if _fits(n["free"], total)), None)
+        if target is None:
+            target = {"free": dict(node), "holds": []}
+            nodes.append(target)
+        _take(target["free"], total)
+        target["holds"].append(f"{label} ({format_bundle(total)})")
+
+    for i, (group, workers) in enumerate(trials, 1):
+        put(group, f"trial {i} driver" + (" + refresher" if len(group) > 1 else ""))
+        for w, bundle in enumerate(workers):
+            put([bundle], f"trial {i} worker {w}")
+    return nodes
+
+
+def format_bundle(b: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in b.items() if v)
+
+
+def parse_node(text: str) -> dict[str, float]:
+    """"CPU=8,GPU=1" -> {"CPU": 8.0, "GPU": 1.0}; raises UsageError naming the flag otherwise."""
+    try:
+        shape = {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise cli.UsageError(f"--fit {text!r}: expected RESOURCE=AMOUNT,... e.g. CPU=8,GPU=1") from None
+    if not shape or any(not v >= 0 for v in shape.values()):
+        raise cli.UsageError(f"--fit {text!r}: expected RESOURCE=AMOUNT,... e.g. CPU=8,GPU=1")
+    return shape
 
 
 def package_size(directory: Path) -> tuple[int, list[tuple[int, str]]]:

@@ -75,6 +75,8 @@ class Resources(BaseModel):
     num_workers: int = Field(0, ge=0, description="Ray Train workers (0: in-process, no Ray)")
     use_gpu: bool = False
     worker_cpus: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
+    worker_gpus: float = Field(1.0, gt=0, le=1, description="GPU share per Ray Train worker when "
+                               "use_gpu (under 1: the refresher may share a worker's GPU)")
     refresher_cpus: float = Field(1.0, gt=0)
     refresher_gpus: float = Field(0.25, ge=0, le=1, description="GPU share of the refresher when use_gpu")
 

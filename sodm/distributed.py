@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer
 from sodm import cli
 from sodm.certify import certify_run
 from sodm.checkpoint import load_checkpoint
-from sodm.cluster import check_writable, init_ray, storage_exists, storage_join
+from sodm.cluster import check_writable, init_ray, storage_exists, storage_join, worker_bundle
 from sodm.config import ConfigError, TrainConfig
 from sodm.data import TrainData
 from sodm.loop import model_description, train
@@ -295,7 +295,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = 
         train_loop_config={"cfg": cfg.model_dump(), "refresher": refresher, "tracking": tracking},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.worker_cpus, **({"GPU": 1} if cfg.use_gpu else {})}),
+            resources_per_worker=worker_bundle(cfg)),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage, callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),

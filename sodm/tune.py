@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 from contextlib import contextmanager
 from functools import partial
@@ -31,7 +32,8 @@ from sodm import cli, tracking
 from sodm.certify import CertifySettings, certify_run
 from sodm.checkpoint import load_checkpoint, run_config
 from sodm.cluster import (ClusterError, StorageError, check_writable, init_ray, is_uri,
-                          storage_exists, storage_fs, storage_join)
+                          storage_exists, storage_fs, storage_join, worker_bundle,
+                          format_bundle, parse_node, place_trials)
 from sodm.config import FLAT_CERT_KEYS, ConfigError, Resources, TrainConfig, make_config
 from sodm.data import load_dataset
 from sodm.metrics import read_results
@@ -356,6 +358,36 @@ def search_algorithm(space_file: SpaceFile):
     return None
 
 
+def trial_bundles(space_file: SpaceFile) -> tuple[list[dict], list[dict]]:
+    """What one trial reserves: its own placement group (the driver, and the refresher actor the
+    trial makes, packed together) and its Ray Train workers (each a bundle of its own group)."""
+    res = space_file.resources
+    group = [{"CPU": res.trial_cpus}]
+    if space_file.needs_refresher():
+        group.append({"CPU": res.refresher_cpus, **({"GPU": res.refresher_gpus}
+                                                       if res.use_gpu and res.refresher_gpus else {})})
+    return group, [worker_bundle(res)] * res.num_workers
+
+
+def fit_report(path: Path, space_file: SpaceFile, node: dict[str, float], max_nodes: int) -> None:
+    """--fit: print where the space's concurrent trials land on nodes of shape `node` (first fit,
+    in the order Ray makes the groups); raises UsageError when they need over max_nodes."""
+    count = space_file.search.max_concurrent_trials
+    try:
+        nodes = place_trials([trial_bundles(space_file)] * count, node)
+    except ValueError as e:
+        raise cli.UsageError(f"{path.name}: {e}") from None
+    lines = [f"{path.name}: {count} concurrent trials on nodes of {format_bundle(node)}: "
+             f"{len(nodes)} nodes (at most {max_nodes})"]
+    for i, n in enumerate(nodes, 1):
+        idle = format_bundle({k: round(v, 6) for k, v in n["free"].items()}) or "nothing"
+        lines.append(f"  node {i}: " + "; ".join(n["holds"]) + f"; idle: {idle}")
+    print("\n".join(lines))
+    if len(nodes) > max_nodes:
+        raise cli.UsageError(f"{path.name}: needs {len(nodes)} nodes, over the {max_nodes} allowed: "
+                             "lower max_concurrent_trials or the resource shares")
+
+
 def build_tuner(space_file: SpaceFile, storage: str, name: str, local_dir: Path, uri: str,
                 experiment_id: str, parent_run_id: str, resume: bool):
     from ray import tune
@@ -364,12 +396,7 @@ def build_tuner(space_file: SpaceFile, storage: str, name: str, local_dir: Path,
     trainable = partial(_trial, space_json=space_file.model_dump_json(), search_uri=search_uri,
                         local_dir=str(local_dir), uri=uri, experiment_id=experiment_id,
                         parent_run_id=parent_run_id)
-    res = space_file.resources
-    bundles = [{"CPU": res.trial_cpus}]
-    if space_file.needs_refresher():  # the refresher actor, made in the trial, lives in its group
-        bundles.append({"CPU": res.refresher_cpus, **({"GPU": res.refresher_gpus}
-                                                         if res.use_gpu and res.refresher_gpus else {})})
-    trainable = tune.with_resources(trainable, tune.PlacementGroupFactory(bundles))
+    trainable = tune.with_resources(trainable, tune.PlacementGroupFactory(trial_bundles(space_file)[0]))
     if resume:  # the callbacks come back with the rest of the run config
         return tune.Tuner.restore(search_uri, trainable=trainable, resume_errored=True)
     s = space_file.search
@@ -495,13 +522,23 @@ def main(argv=None) -> int:
                    help="continue an interrupted search, or start it when there is none yet (so "
                         "that a retried job can always pass --resume)")
     p.add_argument("--check", action="store_true", help="validate the space file and exit")
+    p.add_argument("--fit", metavar="RESOURCES", default=None,
+                   help="print where the concurrent trials land on nodes of this shape (e.g. "
+                        "CPU=8,GPU=1, a cluster's GPU node) and exit; needs no data or Ray")
+    p.add_argument("--max-nodes", type=int, default=8, help="with --fit: the cluster's node limit")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base key, e.g. --set data_dir=/mnt/shared/cifar10 (repeatable)")
     args = p.parse_args(argv)
+    node = parse_node(args.fit) if args.fit is not None else None
+    if node is not None:  # a plan needs no data: any existing folder stands in for data_dir
+        args.set = [*args.set, f"data_dir={tempfile.gettempdir()}"]
     try:
         path, space_file = load_space(args.space, args.set)
     except SpaceError as e:
         raise cli.UsageError(str(e)) from None
+    if node is not None:
+        fit_report(path, space_file, node, args.max_nodes)
+        return 0
     if args.check:
         print(f"{path}: ok ({len(space_file.space)} keys searched, {space_file.search.num_samples} samples)")
         return 0
