@@ -71,6 +71,20 @@ class ClusterError(ConnectionError):
     """A Ray cluster that cannot be reached or used."""
 
 
+def shared_storage_warning(storage: str | None, what: str) -> str | None:
+    """On a cluster (RAY_ADDRESS names one), checkpoints at a local path are written on each
+    worker's node: the path must be one shared filesystem mounted on every node, or Ray Train fails
+    at the first checkpoint. Returns a warning to print then, else None."""
+    address = os.environ.get("RAY_ADDRESS") or ""
+    if not address or address in ("auto", "local") or (storage and is_uri(storage)):
+        return None
+    where = storage or "the output folder"
+    return (f"warning: {what} keeps its checkpoints at the local path {where} while joining the "
+            f"cluster at {address}: every worker node writes there, so it must be a shared "
+            "filesystem mounted at that path on every node; otherwise pass --storage s3://... "
+            "(or gs://...)")
+
+
 def check_address(address: str | None, timeout: float = 5.0) -> None:
     """Fail fast, with one clear line, when a cluster address does not answer (ray.init would
     otherwise wait a long time before a long traceback)."""

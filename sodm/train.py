@@ -15,7 +15,7 @@ from pathlib import Path
 from sodm import cli
 from sodm.certify import CertifySettings
 from sodm.checkpoint import CheckpointError
-from sodm.cluster import ClusterError, StorageError, storage_exists
+from sodm.cluster import ClusterError, StorageError, shared_storage_warning, storage_exists
 from sodm.config import FLAT_CERT_KEYS, ConfigError, TrainConfig, make_config
 from sodm.data import DataError, load_dataset
 from sodm.loop import train
@@ -70,6 +70,9 @@ def main(argv=None) -> int:
         if cfg.num_workers > 0:
             from sodm import distributed  # Ray is imported only for a Ray Train run
 
+            if note := shared_storage_warning(cfg.storage or str(out_dir.resolve()),
+                                              f"--num-workers {cfg.num_workers}"):
+                print(f"sodm.train: {note}", file=sys.stderr)
             run_path = distributed.run_storage(cfg)
             if resume and not storage_exists(run_path):
                 raise cli.UsageError(f"--resume: {Path(cfg.out_dir).expanduser().resolve()} holds "

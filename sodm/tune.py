@@ -32,6 +32,7 @@ from sodm import cli, tracking
 from sodm.certify import CertifySettings, certify_run
 from sodm.checkpoint import load_checkpoint, run_config
 from sodm.cluster import (ClusterError, StorageError, check_writable, init_ray, is_uri,
+                          shared_storage_warning,
                           storage_exists, storage_fs, storage_join, worker_bundle,
                           format_bundle, parse_node, place_trials)
 from sodm.config import FLAT_CERT_KEYS, ConfigError, Resources, TrainConfig, make_config
@@ -547,6 +548,8 @@ def main(argv=None) -> int:
     search_uri = storage_join(storage, name)
     local_dir = (Path(args.workdir).expanduser().resolve() / name if args.workdir
                  else Path(search_uri) if not is_uri(storage) else Path.cwd() / "sodm_work" / name)
+    if note := shared_storage_warning(storage, "the search"):
+        print(f"sodm.tune: {note}", file=sys.stderr)
     try:
         check_writable(storage)
         exists = storage_exists(search_uri)
@@ -616,7 +619,8 @@ def run_search(space_file: SpaceFile, path: Path, storage: str, name: str, local
               if resume else new_parent())
     tracking.reopen(uri, parent)
     tracking.log_artifact(uri, parent, path)
-    log(f"search {search_uri} -> MLflow {uri} (experiment {space_file.mlflow.experiment}, run {parent})")
+    log(f"search {search_uri} (space {path}) -> MLflow {uri} "
+        f"(experiment {space_file.mlflow.experiment}, run {parent})")
 
     import ray
     from ray import tune
