@@ -52,7 +52,7 @@ class TemperatureMapping(Mapping):
         return logits * torch.exp(-self.log_temperature)
 
     def summary(self) -> dict[str, float]:
-        return {"mapping_temperature": float(torch.exp(self.log_temperature))}
+        return {"mapping_temperature": float(torch.exp(self.log_temperature.detach()))}
 
 
 class AffineMapping(Mapping):
@@ -66,7 +66,8 @@ class AffineMapping(Mapping):
 
     def summary(self) -> dict[str, float]:
         # the mean scale acts as an inverse temperature; the bias spread as class priors
-        return {"mapping_scale": float(self.scale.mean()), "mapping_bias_spread": float(self.bias.std())}
+        return {"mapping_scale": float(self.scale.detach().mean()),
+                "mapping_bias_spread": float(self.bias.detach().std())}
 
 
 class MLPMapping(Mapping):
@@ -81,7 +82,7 @@ class MLPMapping(Mapping):
         return logits + self.out(F.relu(self.hidden(logits)))
 
     def summary(self) -> dict[str, float]:
-        return {"mapping_residual_norm": float(self.out.weight.norm())}
+        return {"mapping_residual_norm": float(self.out.weight.detach().norm())}
 
 
 class HardMapping(Mapping):
