@@ -77,14 +77,15 @@ def main():
     p.add_argument("--num-workers", type=int, default=1, help="certification processes")
     p.add_argument("--runs", nargs="+", default=["gaussian", "sodm4", "macer4", "macer_eqtime"])
     p.add_argument("--phase", choices=("train", "certify", "report"), default="train")
+    p.add_argument("--seed", type=int, default=0, help="training and certification noise seed")
     args = p.parse_args()
     out = Path(args.out).resolve()
     base = dict(dataset="cifar10", data_dir=args.data_dir, arch=args.arch, sigma=0.25,
                 epochs=args.epochs, batch_size=64, optimizer="sgd", weight_decay=1e-4,
                 train_subset=args.train_subset, val_size=args.val_size, eval_count=500,
-                acr_quick_count=100, acr_quick_n=256, progress=False, seed=0,
+                acr_quick_count=100, acr_quick_n=256, progress=False, seed=args.seed,
                 certify=dict(n0=100, n=args.cert_n, alpha=0.001, skip=args.cert_skip,
-                             max=args.cert_max, dtype=args.cert_dtype))
+                             max=args.cert_max, dtype=args.cert_dtype, seed=args.seed))
 
     def config(name: str):
         run_dir = out / name
