@@ -748,7 +748,6 @@ def end_search_run(space_file: SpaceFile, trials: list[dict], top: list[dict], u
     for artifact in artifacts:
         tracking.log_artifact(uri, parent, artifact)
     tracking.log_metrics(uri, parent, {"trials": len(trials)})
-    with_model = [t for t in trials if t.get("model_uri")]
     best = (max(certified, key=lambda t: t["acr"]) if certified
             else next((t for t in top if t.get("model_uri")), None))
     if best is None:
@@ -757,7 +756,7 @@ def end_search_run(space_file: SpaceFile, trials: list[dict], top: list[dict], u
     c.set_tag(parent, "best_trial", best["label"])
     if best.get("acr") is not None:
         tracking.log_metrics(uri, parent, {"best_acr": best["acr"]})
-    if best in with_model:
+    if best.get("model_uri"):
         name = space_file.mlflow.registered_model or f"sodm-{space_file.name}"
         version = tracking.register_model(uri, best["run_id"], name)
         c.set_tag(parent, "registered_model", f"models:/{name}/{version}")

@@ -1,3 +1,5 @@
+import socket
+
 import pytest
 import torch
 
@@ -26,3 +28,13 @@ def digits_checkpoint(tmp_path_factory):
     save_checkpoint(path, model, desc, dataset="digits", sigma=0.25, method="gaussian",
                     config={"dataset": "digits", "sigma": 0.25})
     return path
+
+
+@pytest.fixture
+def free_port():
+    """A function giving a TCP port free on 127.0.0.1 (for servers a test starts)."""
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    return pick

@@ -5,7 +5,6 @@ import copy
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -277,20 +276,14 @@ def test_local_storage_on_a_cluster_is_warned_about(monkeypatch, tmp_path, capsy
     assert "unreachable" in err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head(tmp_path, free_port):
     """A local Ray head set up as cluster/README.md says: the token made once with
     `ray get-auth-token --generate` (in a home of its own), the head started with token auth on
     and `ray job stop` sending SIGINT; stopped at the end. Yields (address, client env): the
     client authenticates as the README says (RAY_AUTH_MODE=token, the token file)."""
     ray_bin = Path(sys.executable).parent / "ray"
-    port, dash, agent = _free_port(), _free_port(), _free_port()
+    port, dash, agent = free_port(), free_port(), free_port()
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items()

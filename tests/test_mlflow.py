@@ -4,7 +4,6 @@ report; browsed through a real `mlflow server` (REST), as the UI does."""
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -91,14 +90,8 @@ def test_a_logged_model_is_registered_loaded_and_certified_like_its_file(
     assert "models:/nonesuch/1" in err and len(err.strip().splitlines()) == 1
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path, free_port):
     """A real tracking server (REST API, artifacts served through it), as a team would run."""
     port = free_port()
     log = open(tmp_path / "server.log", "w")
