@@ -264,7 +264,10 @@ def log_model(uri: str, run_id: str, checkpoint: str | Path) -> str:
     finally:
         tmp.cleanup()
         mlflow.set_tracking_uri(previous)
-        if before.status != "RUNNING":  # start_run reopened it: put its end back as it was
+        # leaving start_run ended the run (or it had reopened an ended one): put it back as it was
+        if before.status == "RUNNING":
+            c.update_run(run_id, status="RUNNING")
+        else:
             c.set_terminated(run_id, before.status, end_time=before.end_time)
     return info.model_uri
 

@@ -57,6 +57,9 @@ def test_a_logged_model_is_registered_loaded_and_certified_like_its_file(
     tracking.log_model(uri, run_id, digits_checkpoint)
     run = tracking.client(uri).get_run(run_id)
     assert run.info.status == "KILLED"  # logging the model did not reopen the run
+    open_run = tracking.start_run(uri, experiment, "trial-y")
+    tracking.log_model(uri, open_run, digits_checkpoint)
+    assert tracking.client(uri).get_run(open_run).info.status == "RUNNING"  # ...nor end an open one
     assert tracking.register_model(uri, run_id, "sodm-x") == "1"
 
     mlflow.set_tracking_uri(uri)
