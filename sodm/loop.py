@@ -152,10 +152,13 @@ def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
                           "what is now the validation split); it cannot be resumed: use another "
                           "out_dir, or --init-checkpoint to start a new run from its weights")
     now = cfg.model_dump()
-    diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    # a setting added after the run was saved held its default then
+    then = {k: saved.get(k, f.get_default(call_default_factory=True))
+            for k, f in type(cfg).model_fields.items()}
+    diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and then[k] != now[k])
     if diff:
         raise ConfigError(f"{cfg.out_dir} holds a run with other settings ("
-                          + ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
+                          + ", ".join(f"{k}: {then[k]!r} -> {now[k]!r}" for k in diff)
                           + "); use another out_dir")
 
 

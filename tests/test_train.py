@@ -260,7 +260,7 @@ def test_training_never_reads_a_test_image(tmp_path, monkeypatch):
 def test_a_run_from_before_the_validation_split_is_not_resumed(tmp_path):
     """Its per-epoch metrics were measured on test images and it trained on what is now the
     validation split: resuming it would mix the two regimes silently."""
-    cfg = make_config(**{**FAST, "epochs": 2}, out_dir=str(tmp_path / "old"))
+    cfg = make_config(**FAST, out_dir=str(tmp_path / "old"))
     loop.train(cfg.model_copy(update={"epochs": 1}), log=quiet)
     path = tmp_path / "old" / "checkpoint.pt"
     ckpt = torch.load(path, weights_only=True)
@@ -268,3 +268,18 @@ def test_a_run_from_before_the_validation_split_is_not_resumed(tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(ConfigError, match="from before the validation split"):
         loop.train(cfg, resume=True, log=quiet)
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    """A setting added later (worker_gpus, say) held its default in an older run: resuming is
+    allowed when the run keeps the default, refused when it changes it."""
+    cfg = make_config(**FAST, out_dir=str(tmp_path / "old"))
+    loop.train(cfg.model_copy(update={"epochs": 1}), log=quiet, certify=False)
+    path = tmp_path / "old" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["worker_gpus"]  # as written before the setting existed
+    torch.save(ckpt, path)
+    with pytest.raises(ConfigError, match=r"worker_gpus: 1\.0 -> 0\.5"):
+        loop.train(cfg.model_copy(update={"worker_gpus": 0.5}), resume=True, log=quiet, certify=False)
+    history = loop.train(cfg, resume=True, log=quiet, certify=False)["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
