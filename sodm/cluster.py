@@ -71,15 +71,21 @@ class ClusterError(ConnectionError):
     """A Ray cluster that cannot be reached or used."""
 
 
-def shared_storage_warning(storage: str | None, what: str) -> str | None:
-    """On a cluster (RAY_ADDRESS names one), checkpoints at a local path are written on each
-    worker's node: the path must be one shared filesystem mounted on every node, or Ray Train fails
-    at the first checkpoint. Returns a warning to print then, else None."""
-    address = os.environ.get("RAY_ADDRESS") or ""
-    if not address or address in ("auto", "local") or (storage and is_uri(storage)):
+def joined_address() -> str | None:
+    """The running Ray that this process joins (RAY_ADDRESS: a cluster's address, or "auto" for
+    the one already on this machine, which may be a cluster's head); None when it starts its own."""
+    address = os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
+
+
+def shared_storage_warning(storage: str, what: str) -> str | None:
+    """On a cluster (joined_address), checkpoints at a local path are written on each worker's
+    node: the path must be one shared filesystem mounted on every node, or Ray Train fails at the
+    first checkpoint. Returns a warning to print then, else None."""
+    address = joined_address()
+    if not address or is_uri(storage):
         return None
-    where = storage or "the output folder"
-    return (f"warning: {what} keeps its checkpoints at the local path {where} while joining the "
+    return (f"warning: {what} keeps its checkpoints at the local path {storage} while joining the "
             f"cluster at {address}: every worker node writes there, so it must be a shared "
             "filesystem mounted at that path on every node; otherwise pass --storage s3://... "
             "(or gs://...)")

@@ -9,7 +9,6 @@ The actor outlives worker-group restarts; its state is part of every checkpoint.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -27,7 +26,8 @@ from ray.train.torch import TorchTrainer
 from sodm import cli
 from sodm.certify import certify_run
 from sodm.checkpoint import load_checkpoint
-from sodm.cluster import check_writable, init_ray, storage_exists, storage_join, worker_bundle
+from sodm.cluster import (check_writable, init_ray, joined_address, storage_exists, storage_join,
+                          worker_bundle)
 from sodm.config import ConfigError, TrainConfig
 from sodm.data import TrainData
 from sodm.loop import model_description, train
@@ -281,7 +281,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = 
         raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of num_workers {cfg.num_workers}")
     init_ray()
     if cfg.use_gpu and not ray.cluster_resources().get("GPU"):
-        if not os.environ.get("RAY_ADDRESS"):  # Ray started here, on this machine: it cannot grow
+        if not joined_address():  # Ray started here, on this machine: it cannot grow
             raise ConfigError("use_gpu: this machine's Ray has no GPU")
         # a cluster at min_workers 0 has no GPU node until the autoscaler adds one for this run
         log("use_gpu: the cluster has no GPU node yet; the workers wait for the autoscaler to add one")
