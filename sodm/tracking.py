@@ -297,13 +297,15 @@ def fetch_checkpoint(model_uri: str, uri: str | None = None, dst: str | Path | N
 
     if dst:
         Path(dst).mkdir(parents=True, exist_ok=True)
-    where = resolve_uri(uri)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(resolve_uri(uri))
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri,
-                                                    dst_path=str(dst) if dst else None,
-                                                    tracking_uri=where, registry_uri=where)
+                                                    dst_path=str(dst) if dst else None)
     except MlflowException as e:
         raise ValueError(f"{model_uri}: {str(e).splitlines()[0]}") from None
+    finally:
+        mlflow.set_tracking_uri(previous)
     found = Path(local) / "extra_files" / CHECKPOINT_FILE
     if not found.is_file():
         raise ValueError(f"{model_uri}: not a sodm model (no extra_files/{CHECKPOINT_FILE} in it)")
