@@ -78,17 +78,20 @@ def summary(results: Results, radii=TABLE_RADII) -> dict[str, float]:
     return row
 
 
+def _table_rows(rows: dict[str, Results], radii):
+    """(name, certified accuracy at each radius, ACR, count) for each named result."""
+    for name, res in rows.items():
+        yield (name, certified_accuracy(res.radius, res.correct, radii),
+               average_certified_radius(res.radius, res.correct), len(res))
+
+
 def format_table(rows: dict[str, Results], radii=TABLE_RADII) -> str:
     """Rows of certified accuracy at each radius and ACR, one line per named result."""
     width = max([len("model")] + [len(name) for name in rows])
     header = f"{'model':<{width}}  " + "  ".join(f"{r:>5.2f}" for r in radii) + "    ACR      n"
-    lines = [header]
-    for name, res in rows.items():
-        acc = certified_accuracy(res.radius, res.correct, radii)
-        acr = average_certified_radius(res.radius, res.correct)
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{a:>5.3f}" for a in acc)
-                     + f"  {acr:>5.3f}  {len(res):>5d}")
-    return "\n".join(lines)
+    return "\n".join([header] + [f"{name:<{width}}  " + "  ".join(f"{a:>5.3f}" for a in acc)
+                                 + f"  {acr:>5.3f}  {n:>5d}"
+                                 for name, acc, acr, n in _table_rows(rows, radii)])
 
 
 def format_markdown(rows: dict[str, Results], radii=TABLE_RADII) -> str:
@@ -96,8 +99,5 @@ def format_markdown(rows: dict[str, Results], radii=TABLE_RADII) -> str:
     ACR, and the number of images)."""
     lines = ["| model | " + " | ".join(f"{r:.2f}" for r in radii) + " | ACR | n |",
              "|---|" + "---:|" * (len(radii) + 2)]
-    for name, res in rows.items():
-        acc = certified_accuracy(res.radius, res.correct, radii)
-        acr = average_certified_radius(res.radius, res.correct)
-        lines.append(f"| {name} | " + " | ".join(f"{a:.3f}" for a in acc) + f" | {acr:.3f} | {len(res)} |")
-    return "\n".join(lines)
+    return "\n".join(lines + [f"| {name} | " + " | ".join(f"{a:.3f}" for a in acc) + f" | {acr:.3f} | {n} |"
+                              for name, acc, acr, n in _table_rows(rows, radii)])

@@ -13,7 +13,7 @@ from sodm import cli, tracking
 from sodm.metrics import Results, format_markdown, read_results
 from sodm.plots import certified_accuracy_curve
 
-RESULTS_ARTIFACT = "certification/certify.tsv"  # where a certified run keeps its rows
+RESULTS_ARTIFACT = f"{tracking.CERTIFICATION_DIR}/certify.tsv"  # where a certified run keeps its rows
 
 
 def certified_runs(uri: str, experiment: str, dst: Path) -> dict[str, Results]:
@@ -26,7 +26,7 @@ def certified_runs(uri: str, experiment: str, dst: Path) -> dict[str, Results]:
     runs = c.search_runs([exp.experiment_id], max_results=10_000, order_by=["attributes.start_time ASC"])
     found = {}
     for run in runs:
-        if not any(a.path == RESULTS_ARTIFACT for a in c.list_artifacts(run.info.run_id, "certification")):
+        if not any(a.path == RESULTS_ARTIFACT for a in c.list_artifacts(run.info.run_id, tracking.CERTIFICATION_DIR)):
             continue
         local = c.download_artifacts(run.info.run_id, RESULTS_ARTIFACT, str(dst / run.info.run_id))
         name = run.info.run_name or run.info.run_id

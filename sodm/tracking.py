@@ -17,6 +17,7 @@ from typing import Any
 
 # The tag a run's end reason is kept in (why a trial was stopped, why a run failed).
 END_REASON = "sodm.end_reason"
+CERTIFICATION_DIR = "certification"  # a certified run's artifacts: certify.tsv, its provenance, its curve
 MODEL_PATH = "model"  # a trial run's logged model: runs:/<run_id>/model
 MODEL_TAG = "sodm.model_uri"  # where a run's logged model is (models:/m-...)
 CHECKPOINT_FILE = "checkpoint.pt"  # the sodm checkpoint inside a logged model's extra_files/
@@ -91,12 +92,17 @@ def start_run(uri: str, experiment_id: str, name: str, parent_run_id: str | None
     return run.info.run_id
 
 
+def find_run(uri: str, experiment_id: str, tags: dict[str, str]) -> str | None:
+    """The id of the run carrying all `tags`, or None."""
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    found = client(uri).search_runs([experiment_id], filter_string=query, max_results=1)
+    return found[0].info.run_id if found else None
+
+
 def find_or_start_run(uri: str, experiment_id: str, tags: dict[str, str], create) -> str:
     """The run carrying all `tags`, or create() when there is none: a resumed search or trial
     keeps writing to its own run, from whichever machine it resumes on."""
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    found = client(uri).search_runs([experiment_id], filter_string=query, max_results=1)
-    return found[0].info.run_id if found else create()
+    return find_run(uri, experiment_id, tags) or create()
 
 
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:

@@ -322,11 +322,8 @@ def end_trial_runs(space_file: SpaceFile, uri: str, experiment_id: str, parent_r
     from ray import tune
 
     def run_of(trial) -> str | None:
-        found = tracking.client(uri).search_runs(
-            [experiment_id], max_results=1, filter_string=(
-                f"tags.`sodm.trial_id` = '{trial.trial_id}' and "
-                f"tags.`mlflow.parentRunId` = '{parent_run_id}'"))
-        return found[0].info.run_id if found else None
+        return tracking.find_run(uri, experiment_id, {"sodm.trial_id": trial.trial_id,
+                                                      "mlflow.parentRunId": parent_run_id})
 
     class EndTrialRuns(tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -483,7 +480,7 @@ def certify_trials(space_file: SpaceFile, trials: list[dict], uri: str, log) -> 
         run_id = t["run_id"]
         tracking.log_metrics(uri, run_id, {k: v for k, v in summary.items() if k != "count"})
         for name in ("certify.tsv", "certify.tsv.json", "certify.png"):
-            tracking.log_artifact(uri, run_id, out_dir / name, "certification")
+            tracking.log_artifact(uri, run_id, out_dir / name, tracking.CERTIFICATION_DIR)
         record = json.loads((out_dir / "certify.tsv.json").read_text())
         tracking.log_inputs(uri, run_id, [tracking.certified_input(record, trained.data_dir)])
 
