@@ -334,9 +334,9 @@ def wait_for_job(address: str, token: str, job_id: str, timeout: float = 600):
     return client.get_job_status(job_id), client.get_job_logs(job_id)
 
 
-def stop_ray_under(temp: Path) -> None:
-    """Stop the Ray instance whose temp dir is `temp` (its GCS, raylet, dashboard: their command
-    lines name it; its workers exit with them), and no other."""
+def ray_processes(temp: Path) -> list:
+    """The processes of the Ray instance whose temp dir is `temp` (its GCS, raylet, dashboard:
+    their command lines name it), and no other's."""
     import psutil
 
     procs = []
@@ -346,6 +346,14 @@ def stop_ray_under(temp: Path) -> None:
                 procs.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
+    return procs
+
+
+def stop_ray_under(temp: Path) -> None:
+    """Stop the Ray instance whose temp dir is `temp` (its workers exit with it), and no other."""
+    import psutil
+
+    procs = ray_processes(temp)
     for p in procs:
         p.terminate()
     _, alive = psutil.wait_procs(procs, timeout=30)
@@ -355,10 +363,7 @@ def stop_ray_under(temp: Path) -> None:
 
 def _children_of(temp: Path, title: str) -> list:
     """The processes titled `title` among the workers of the Ray head whose temp dir is temp."""
-    import psutil
-
-    raylets = [p for p in psutil.process_iter(["cmdline"])
-               if any(str(temp) in a for a in p.info["cmdline"] or []) and "raylet" in " ".join(p.info["cmdline"])]
+    raylets = [p for p in ray_processes(temp) if "raylet" in " ".join(p.cmdline())]
     return [c for r in raylets for c in r.children(recursive=True)
             if title in " ".join(c.cmdline() or [])]
 
