@@ -26,8 +26,8 @@ from sodm.checkpoint import (CheckpointError, file_hash, load_checkpoint, model_
                              read_checkpoint)
 from sodm.cluster import ClusterError, init_ray
 from sodm.data import VALIDATION_SEED, DataError, dataset_info, load_dataset, subset_indices
-from sodm.fastpath import certify_batch, inference_model
-from sodm.metrics import COLUMNS, Results, format_table, read_results, summary
+from sodm.fastpath import certify_batch, inference_model, native_bf16
+from sodm.metrics import ADAPTIVE_COLUMNS, COLUMNS, Results, format_table, read_results, summary
 from sodm.plots import certified_accuracy_curve
 from sodm.smoothing import Smooth, can_ever_certify, noise_generator
 
@@ -38,6 +38,8 @@ USUAL_MAX = 500
 # More samples than any machine draws for one image (10^12: 115 days at 100,000 a second); larger
 # requests are typing mistakes, and overflow the counts' integers beyond 2^63.
 MAX_SAMPLES = 10 ** 12
+# What a provenance written before adaptive certification existed says of it (it was fixed-N).
+BEFORE_ADAPTIVE = {"adaptive": False, "max_radius_loss": None}
 
 
 class CertifySettings(BaseModel):
@@ -57,6 +59,10 @@ class CertifySettings(BaseModel):
     dtype: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
     compile: bool = Field(False, description="torch.compile the model (falls back to eager, saying why)")
+    adaptive: bool = Field(False, description="choose each image's number of samples from its "
+                           "n0 pilot (Smooth.certify_adaptive); n is then the most drawn")
+    max_radius_loss: float = Field(0.01, ge=0, description="adaptive: the radius given up, in "
+                                   "expectation, against CERTIFY at n (0: always n)")
 
     @model_validator(mode="after")
     def _can_certify(self):
@@ -80,18 +86,26 @@ class CertifySettings(BaseModel):
                 "count": count}
 
 
-def read_done(out: Path) -> dict[int, str]:
+def columns(settings: CertifySettings) -> tuple[str, ...]:
+    """The results file's columns: Cohen et al.'s six, then, when adaptive, the samples drawn."""
+    return ADAPTIVE_COLUMNS if settings.adaptive else COLUMNS
+
+
+def read_done(out: Path, header: tuple[str, ...] = COLUMNS) -> dict[int, str]:
     """Rows already in a results file, by idx. Every line but the last ended with a newline and is
     complete; the last one is complete only if the file ends with a newline (else a crash cut it)."""
     done: dict[int, str] = {}
     if not out.exists() or out.stat().st_size == 0:
         return done
     lines = out.read_text().split("\n")  # the part after the final newline, "" if there is one
-    if lines[0].split("\t") != list(COLUMNS):
+    if lines[0].split("\t") != list(header):
+        if lines[0].split("\t") in (list(COLUMNS), list(ADAPTIVE_COLUMNS)):
+            kind = "adaptive" if lines[0].endswith("\tn") else "fixed-N"
+            raise cli.UsageError(f"{out} holds a {kind} certification; choose another --out")
         raise cli.UsageError(f"{out} exists and is not a certification TSV; choose another --out")
     for line in lines[1:-1]:
         fields = line.split("\t")
-        if len(fields) == len(COLUMNS):
+        if len(fields) == len(header):
             try:
                 done[int(fields[0])] = line
             except ValueError:
@@ -104,23 +118,29 @@ def certify_one(smoothed: Smooth, dataset, i: int, settings: CertifySettings,
     """CERTIFY image i with noise seeded by (seed, i): its result row (without the newline)."""
     x, label = dataset[i]
     s = settings
+    generator = noise_generator(s.seed, i, device)
     start = time.perf_counter()
-    prediction, radius = smoothed.certify(x.to(device), s.n0, s.n, s.alpha, s.batch,
-                                          generator=noise_generator(s.seed, i, device))
+    if s.adaptive:
+        prediction, radius, used = smoothed.certify_adaptive(
+            x.to(device), s.n0, s.n, s.alpha, s.batch, s.max_radius_loss, generator=generator)
+    else:
+        prediction, radius = smoothed.certify(x.to(device), s.n0, s.n, s.alpha, s.batch,
+                                              generator=generator)
     elapsed = time.perf_counter() - start
     correct = int(prediction == int(label))
     # The radius is written exactly (repr round-trips): a rounded one could claim a radius that
     # was not proven (0.2499997 shown as 0.25 would count at r = 0.25).
-    return f"{i}\t{int(label)}\t{prediction}\t{radius!r}\t{correct}\t{elapsed:.3f}"
+    row = f"{i}\t{int(label)}\t{prediction}\t{radius!r}\t{correct}\t{elapsed:.3f}"
+    return f"{row}\t{used}" if s.adaptive else row
 
 
-def _start_file(out: Path) -> dict[int, str]:
+def _start_file(out: Path, header: tuple[str, ...]) -> dict[int, str]:
     """Keep the complete rows of a previous run (resume), rewriting the file without a torn line."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = read_done(out)
+    done = read_done(out, header)
     tmp = out.with_name(f".{out.name}.tmp")
     with tmp.open("w") as f:  # rewritten aside and swapped in: a crash here loses no row
-        f.write("\t".join(COLUMNS) + "\n")
+        f.write("\t".join(header) + "\n")
         for line in done.values():
             f.write(line + "\n")
         f.flush()
@@ -132,15 +152,20 @@ def _start_file(out: Path) -> dict[int, str]:
 def _append_rows(out: Path, rows, total: int, initial: int, progress: bool) -> Path:
     """Append rows as they come (each flushed: a crash loses at most the image in flight)."""
     bar = _progress(range(total), progress, desc=f"certify {out.name}", initial=initial)
-    count = correct = 0
+    count = correct = samples = 0
     with out.open("a") as f:
         for line, _ in zip(rows, bar):
             f.write(line + "\n")
             f.flush()
+            fields = line.split("\t")
             count += 1
-            correct += int(line.split("\t")[4])
+            correct += int(fields[4])
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(acc=f"{correct / count:.3f}", s_per_img=line.split("\t")[5])
+                shown = {"acc": f"{correct / count:.3f}", "s_per_img": fields[5]}
+                if len(fields) > len(COLUMNS):  # adaptive: the mean samples an image took
+                    samples += int(fields[6])
+                    shown["n_per_img"] = f"{samples / count:,.0f}"
+                bar.set_postfix(**shown)
     if hasattr(bar, "close"):
         bar.close()
     return out
@@ -151,7 +176,7 @@ def certify_subset(smoothed: Smooth, dataset, indices: Iterable[int], settings: 
     """Certify dataset[i] for i in indices into `out`, in index order, keeping rows already
     there (resume)."""
     out = Path(out)
-    done = _start_file(out)
+    done = _start_file(out, columns(settings))
     todo = [i for i in indices if i not in done]
     rows = (certify_one(smoothed, dataset, i, settings, device) for i in todo)
     return _append_rows(out, rows, len(todo), len(done), progress)
@@ -168,6 +193,9 @@ class CertifyWorker:
                                self.device)
         self.dataset = load_dataset(job["dataset"], job["split"], job["data_dir"])
         self.settings = with_batch(CertifySettings(**job["settings"]), self.device, self.dataset)
+        if with_native_dtype(self.settings, self.device) != self.settings:  # the driver recorded bf16
+            raise RuntimeError(f"a certification worker on a {self.device.type} without native "
+                               "bf16 was asked for bf16; certify in fp32 (--dtype fp32) there")
         self.smoothed, self.path = smoothed_classifier(ckpt, job["sigma"], self.settings, self.device)
 
     def certify(self, indices: list[int]) -> list[str]:
@@ -187,7 +215,7 @@ def certify_subset_on_ray(job: dict[str, Any], indices: Iterable[int], settings:
     from ray.util import ActorPool
 
     out = Path(out)
-    done = _start_file(out)
+    done = _start_file(out, columns(settings))
     todo = [i for i in indices if i not in done]
     init_ray()
     job_ref = ray.put({**job, "settings": settings.model_dump()})
@@ -223,9 +251,9 @@ def write_provenance(out: Path, record: dict[str, Any]) -> Path:
     """Write `<out>.json`; on resume it must describe the same certification as before."""
     path = out.with_name(out.name + ".json")
     keys = ("checkpoint_sha256", "dataset", "split", "subset", "n0", "n", "alpha", "sigma",
-            "dtype", "seed")
+            "dtype", "seed", "adaptive", "max_radius_loss")
     if path.exists() and out.exists():
-        old = json.loads(path.read_text())
+        old = {**BEFORE_ADAPTIVE, **json.loads(path.read_text())}
         diff = [k for k in keys if old.get(k) != record.get(k)]
         if diff:
             raise cli.UsageError(f"{out} was certified with other settings ({', '.join(diff)} "
@@ -233,6 +261,19 @@ def write_provenance(out: Path, record: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def with_native_dtype(settings: CertifySettings, device: torch.device,
+                      log: Callable[[str], None] | None = None) -> CertifySettings:
+    """settings with fp32 in place of bf16 where the device has no bf16 units: emulated bf16 is
+    several times slower than fp32 there (8.2x on an AVX2-only EPYC), so it buys nothing; the
+    log says so in one line."""
+    if settings.dtype != "bf16" or native_bf16(device.type):
+        return settings
+    if log is not None:
+        log(f"bf16 asked for, but this {device.type} has no native bf16 (it would be emulated, "
+            "several times slower than fp32): certifying in fp32")
+    return settings.model_copy(update={"dtype": "fp32"})
 
 
 def with_batch(settings: CertifySettings, device: torch.device, dataset) -> CertifySettings:
@@ -285,7 +326,7 @@ def certify_checkpoint(checkpoint: Path, settings: CertifySettings, out: Path, *
     else:
         torch_device = cli.pick_device(device)
         where = str(torch_device)
-        settings = with_batch(settings, torch_device, images)
+        settings = with_batch(with_native_dtype(settings, torch_device, log), torch_device, images)
         smoothed, path = smoothed_classifier(ckpt, sigma, settings, torch_device, log)
     trained = ckpt.get("config", {})
     selection = ({"validation_split": {"val_size": trained.get("val_size") or info.val_size,
@@ -296,7 +337,9 @@ def certify_checkpoint(checkpoint: Path, settings: CertifySettings, out: Path, *
         model_selection=selection,
         dataset=name, split=split, subset={**settings.subset(name, len(indices)), **(subset_note or {})},
         n0=settings.n0, n=settings.n, alpha=settings.alpha, sigma=sigma, batch=settings.batch,
-        dtype=settings.dtype, seed=settings.seed, device=where, path=path))
+        dtype=settings.dtype, seed=settings.seed, adaptive=settings.adaptive,
+        max_radius_loss=settings.max_radius_loss if settings.adaptive else None,
+        device=where, path=path))
     if num_workers:
         job = {"checkpoint_bytes": checkpoint.read_bytes(), "dataset": name, "split": split,
                "data_dir": str(Path(data_dir).expanduser().resolve()) if data_dir else None,
@@ -346,7 +389,8 @@ def main(argv=None) -> int:
     p.add_argument("--max", type=int, default=None, help="at most this many images")
     defaults = CertifySettings()
     p.add_argument("--n0", type=int, default=defaults.n0)
-    p.add_argument("--n", type=int, default=defaults.n)
+    p.add_argument("--n", type=int, default=defaults.n, help="samples to bound p_A (with "
+                   "--adaptive: the most any image gets)")
     p.add_argument("--alpha", type=float, default=defaults.alpha)
     p.add_argument("--batch", type=int, default=defaults.batch,
                    help="noisy batch size (default: the device's best, 500 CIFAR-10 images on a "
@@ -356,6 +400,12 @@ def main(argv=None) -> int:
                    help="bf16 is an opt-in speed mode; it changes the function being certified")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (falls back to eager mode, saying why)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="choose each image's N from its n0 pilot (the same guarantee, fewer "
+                        "samples); results gain a column n, the samples each image took")
+    p.add_argument("--max-radius-loss", type=float, default=None,
+                   help=f"with --adaptive: the radius given up, in expectation, against "
+                        f"CERTIFY at --n (default {defaults.max_radius_loss})")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--num-workers", type=int, default=None,
@@ -364,6 +414,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.num_workers is not None and args.num_workers < 1:
         raise cli.UsageError(f"--num-workers must be >= 1, got {args.num_workers}")
+    if args.max_radius_loss is not None and not args.adaptive:
+        raise cli.UsageError("--max-radius-loss is for --adaptive certification; add --adaptive")
     if args.sigma is not None and not 0 < args.sigma < float("inf"):
         raise cli.UsageError(f"--sigma must be a positive number, got {args.sigma}")
     if args.preset == "cohen500":  # the data set's usual stride (skip None), at most USUAL_MAX
@@ -373,7 +425,9 @@ def main(argv=None) -> int:
     try:
         settings = CertifySettings(n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch,
                                    start=args.start, dtype=args.dtype, seed=args.seed,
-                                   compile=args.compile, **subset)
+                                   compile=args.compile, adaptive=args.adaptive, **subset,
+                                   **({} if args.max_radius_loss is None
+                                      else {"max_radius_loss": args.max_radius_loss}))
     except ValidationError as e:
         raise cli.UsageError(cli.format_validation_error(e).replace("config: ", "")) from None
     for flag, value in (("--dataset", args.dataset), ("--data-dir", args.data_dir)):

@@ -2,6 +2,9 @@
 
 A certification result is one row per image: idx, label, predict, radius, correct, time
 (tab-separated, with that header), where predict is -1 for an abstention and correct is 0 or 1.
+An adaptive certification (each image's N chosen from a pilot) adds a last column n, the samples
+drawn for the image; the first six are the same, so the field's tools read it unchanged. Its
+results are labelled "[adaptive]" in every table.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
+ADAPTIVE_COLUMNS = COLUMNS + ("n",)
 # The radii of the paper's tables: 0.00, 0.25, ..., 2.50.
 TABLE_RADII = tuple(round(0.25 * i, 2) for i in range(11))
 
@@ -24,9 +28,14 @@ class Results:
     predict: np.ndarray
     radius: np.ndarray
     correct: np.ndarray
+    n: np.ndarray | None = None  # samples drawn per image, when the certification was adaptive
 
     def __len__(self) -> int:
         return len(self.idx)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.n is not None
 
 
 def read_results(path: str | Path) -> Results:
@@ -38,13 +47,14 @@ def read_results(path: str | Path) -> Results:
         raise ValueError(f"{path}: not a certification TSV (expected header {' '.join(COLUMNS)})")
     body = [r for r in rows[1:] if r]
     try:
-        cols = list(zip(*body)) if body else [()] * 5
+        cols = list(zip(*body)) if body else [()] * len(ADAPTIVE_COLUMNS)
         return Results(
             idx=np.asarray(cols[0], dtype=np.int64),
             label=np.asarray(cols[1], dtype=np.int64),
             predict=np.asarray(cols[2], dtype=np.int64),
             radius=np.asarray(cols[3], dtype=np.float64),
             correct=np.asarray(cols[4], dtype=np.int64).astype(bool),
+            n=np.asarray(cols[6], dtype=np.int64) if tuple(rows[0]) == ADAPTIVE_COLUMNS else None,
         )
     except (ValueError, IndexError) as e:
         raise ValueError(f"{path}: malformed row ({e})") from None
@@ -75,23 +85,38 @@ def summary(results: Results, radii=TABLE_RADII) -> dict[str, float]:
     row["acr"] = average_certified_radius(results.radius, results.correct)
     row["abstain"] = float(np.mean(results.predict == -1)) if len(results) else 0.0
     row["count"] = len(results)
+    if results.adaptive:
+        row["samples_per_image"] = float(np.mean(results.n)) if len(results) else 0.0
     return row
 
 
 def _table_rows(rows: dict[str, Results], radii):
     """(name, certified accuracy at each radius, ACR, count) for each named result."""
     for name, res in rows.items():
+        name = f"{name} [adaptive]" if res.adaptive else name
         yield (name, certified_accuracy(res.radius, res.correct, radii),
                average_certified_radius(res.radius, res.correct), len(res))
 
 
+def adaptive_note(rows: dict[str, Results]) -> list[str]:
+    """The line under a table that holds adaptive results: what they are, how many samples."""
+    adaptive = {name: res for name, res in rows.items() if res.adaptive}
+    if not adaptive:
+        return []
+    used = ", ".join(f"{name} {np.mean(res.n) if len(res) else 0:,.0f}" for name, res in adaptive.items())
+    return ["[adaptive]: each image's N chosen from a pilot (at most the fixed N, the same "
+            f"guarantee); mean samples per image: {used}"]
+
+
 def format_table(rows: dict[str, Results], radii=TABLE_RADII) -> str:
     """Rows of certified accuracy at each radius and ACR, one line per named result."""
-    width = max([len("model")] + [len(name) for name in rows])
+    width = max([len("model")] + [len(name) + len(" [adaptive]") * res.adaptive
+                                  for name, res in rows.items()])
     header = f"{'model':<{width}}  " + "  ".join(f"{r:>5.2f}" for r in radii) + "    ACR      n"
     return "\n".join([header] + [f"{name:<{width}}  " + "  ".join(f"{a:>5.3f}" for a in acc)
                                  + f"  {acr:>5.3f}  {n:>5d}"
-                                 for name, acc, acr, n in _table_rows(rows, radii)])
+                                 for name, acc, acr, n in _table_rows(rows, radii)]
+                     + adaptive_note(rows))
 
 
 def format_markdown(rows: dict[str, Results], radii=TABLE_RADII) -> str:
@@ -99,5 +124,7 @@ def format_markdown(rows: dict[str, Results], radii=TABLE_RADII) -> str:
     ACR, and the number of images)."""
     lines = ["| model | " + " | ".join(f"{r:.2f}" for r in radii) + " | ACR | n |",
              "|---|" + "---:|" * (len(radii) + 2)]
+    note = adaptive_note(rows)
     return "\n".join(lines + [f"| {name} | " + " | ".join(f"{a:.3f}" for a in acc) + f" | {acr:.3f} | {n} |"
-                              for name, acc, acr, n in _table_rows(rows, radii)])
+                              for name, acc, acr, n in _table_rows(rows, radii)]
+                     + ([""] + note if note else []))

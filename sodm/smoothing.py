@@ -11,8 +11,15 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from scipy.stats import beta as beta_dist
 from scipy.stats import binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
+
+# Adaptive CERTIFY: the confidence of the pilot's interval for p_A over which a sample size is
+# chosen (it decides only how many samples to draw, never the certificate), and the ratio between
+# successive candidate sample sizes (n_max, n_max / sqrt 2, n_max / 2, ...).
+PILOT_CONFIDENCE = 0.99
+N_STEP = math.sqrt(2)
 
 
 def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
@@ -33,6 +40,41 @@ def plugin_radius(n_a: int, n: int, sigma: float) -> float:
     tells apart models whose certificates at that n all hit the cap."""
     p = min(n_a / n, 1 - 0.5 / n)
     return float(sigma * norm.ppf(p)) if p > 0.5 else 0.0
+
+
+def typical_radius(p_a, n: int, alpha: float, sigma: float) -> np.ndarray:
+    """CERTIFY's radius at n samples when the count of the top class is its typical value
+    floor(p_a * n), for each p_a of an array: sigma * Phi^-1 of the Clopper-Pearson lower bound
+    (the bound of `lower_confidence_bound`), 0 where that bound is below 1/2 (an abstention)."""
+    count = np.floor(np.asarray(p_a, dtype=np.float64) * n)
+    lower = np.where(count > 0, beta_dist.ppf(alpha, np.maximum(count, 1), n - count + 1), 0.0)
+    return np.where(lower >= 0.5, sigma * norm.ppf(np.maximum(lower, 0.5)), 0.0)
+
+
+def adaptive_n(count_a: int, n0: int, n_max: int, alpha: float, sigma: float,
+               max_radius_loss: float) -> int:
+    """How many estimation samples adaptive CERTIFY draws for an image whose pilot counted the
+    top class count_a times in n0: the smallest n of n_max, n_max / sqrt 2, n_max / 2, ... whose
+    typical radius is at most max_radius_loss below n_max's for every p_A of the pilot's
+    Clopper-Pearson interval at PILOT_CONFIDENCE; 0 (abstain without estimating) when even the
+    top of that interval gives at most max_radius_loss at n_max. A loss of 0 is always n_max.
+
+    It sees only the pilot, never the samples it sizes: the estimate's bound then holds at alpha
+    whatever n this returns (the n is fixed before those samples are drawn)."""
+    if max_radius_loss <= 0:
+        return n_max
+    low, high = proportion_confint(count_a, n0, alpha=1 - PILOT_CONFIDENCE, method="beta")
+    plausible = np.linspace(low, high, 17)
+    full = typical_radius(plausible, n_max, alpha, sigma)
+    if full.max() <= max_radius_loss:
+        return 0
+    chosen, n = n_max, n_max / N_STEP
+    while n >= 1 and can_ever_certify(math.ceil(n), alpha):
+        smaller = math.ceil(n)
+        if (full - typical_radius(plausible, smaller, alpha, sigma)).max() > max_radius_loss:
+            break
+        chosen, n = smaller, n / N_STEP
+    return chosen
 
 
 def can_ever_certify(n: int, alpha: float) -> bool:
@@ -74,6 +116,34 @@ class Smooth:
         if p_a_lower < 0.5:
             return Smooth.ABSTAIN, 0.0
         return c_a, radius_from_p_a(p_a_lower, self.sigma)
+
+    def certify_adaptive(self, x: torch.Tensor, n0: int, n_max: int, alpha: float,
+                         batch_size: int, max_radius_loss: float,
+                         generator: torch.Generator | None = None) -> tuple[int, float, int]:
+        """CERTIFY with each image's number of samples chosen from a pilot.
+
+        The n0 pilot samples pick the top class (as CERTIFY's selection samples do) and, from its
+        count, how many fresh samples to draw (`adaptive_n`): at most n_max, fewer where the
+        radius is settled before n_max, none where the pilot shows the image cannot be certified
+        (it abstains). Only the fresh samples enter the Clopper-Pearson bound, and their number
+        was fixed before they were drawn, so P(radius > the true radius) <= alpha holds exactly as
+        for CERTIFY; the pilot is discarded. The radius is, in expectation, at most about
+        max_radius_loss below CERTIFY's at n_max (for every p_A the pilot finds plausible).
+
+        Returns (prediction, radius, n_used); (-1, 0.0, n_used) when it abstains. n_used counts
+        every sample drawn for the image (pilot and estimation).
+        """
+        self.base_classifier.eval()
+        pilot = self.sample_counts(x, n0, batch_size, generator)
+        c_a = int(pilot.argmax())
+        n = adaptive_n(int(pilot[c_a]), n0, n_max, alpha, self.sigma, max_radius_loss)
+        if n == 0:
+            return Smooth.ABSTAIN, 0.0, n0
+        counts = self.sample_counts(x, n, batch_size, generator)
+        p_a_lower = lower_confidence_bound(int(counts[c_a]), n, alpha)
+        if p_a_lower < 0.5:
+            return Smooth.ABSTAIN, 0.0, n0 + n
+        return c_a, radius_from_p_a(p_a_lower, self.sigma), n0 + n
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int,
                 generator: torch.Generator | None = None) -> int:

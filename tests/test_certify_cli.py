@@ -139,3 +139,67 @@ def test_out_folder_is_made_or_refused_before_any_work(digits_checkpoint, tmp_pa
         assert run_certify(*base, "--out", bad) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_adaptive_certification_columns_provenance_and_resume(digits_checkpoint, tmp_path, capsys):
+    out = tmp_path / "ad.tsv"
+    args = ["--checkpoint", digits_checkpoint, "--out", out, "--skip", 36, "--n0", 50, "--n", 2000,
+            "--alpha", 0.001, "--batch", 500, "--no-progress", "--adaptive"]
+    assert run_certify(*args) == 0
+    header = out.read_text().splitlines()[0].split("\t")
+    assert header == ["idx", "label", "predict", "radius", "correct", "time", "n"]
+    first = read_results(out)
+    assert first.adaptive and len(first) == 10
+    assert ((first.n >= 50) & (first.n <= 2050)).all()  # every sample counted, at most n0 + n
+    record = json.loads((tmp_path / "ad.tsv.json").read_text())
+    assert record["adaptive"] is True and record["max_radius_loss"] == 0.01 and record["n"] == 2000
+    assert "[adaptive]" in capsys.readouterr().out
+
+    # cut after four rows and a torn fifth: resumed, the same rows
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:5]) + "\n" + lines[5][:-2])
+    assert run_certify(*args) == 0
+    again = read_results(out)
+    assert again.idx.tolist() == first.idx.tolist() and again.n.tolist() == first.n.tolist()
+    assert again.radius.tolist() == first.radius.tolist()
+
+    # the field's six columns come first: a reader of Cohen's files reads them unchanged
+    fixed = tmp_path / "fixed.tsv"
+    assert run_certify(*args[:3], fixed, *args[4:-1]) == 0
+    capsys.readouterr()
+    # a fixed-N file is not continued adaptively (nor the other way), nor another loss
+    assert run_certify(*args[:3], fixed, *args[4:]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert run_certify(*args, "--max-radius-loss", 0.05) == 2
+    assert "max_radius_loss" in capsys.readouterr().err
+
+    # analyze says which rows are adaptive when a table mixes them
+    assert cli.run(analyze.main, "sodm.analyze", [str(out), str(fixed), "--no-plot"]) == 0
+    printed = capsys.readouterr().out
+    assert "ad [adaptive]" in printed and "fixed [adaptive]" not in printed
+    assert "mean samples per image: ad " in printed
+
+
+def test_max_radius_loss_needs_adaptive(digits_checkpoint, tmp_path, capsys):
+    assert run_certify("--checkpoint", digits_checkpoint, "--out", tmp_path / "x.tsv",
+                       "--max-radius-loss", 0.02) == 2
+    assert "--max-radius-loss is for --adaptive" in capsys.readouterr().err
+    assert run_certify("--checkpoint", digits_checkpoint, "--out", tmp_path / "x.tsv",
+                       "--adaptive", "--max-radius-loss", -1) == 2
+    assert "max_radius_loss" in capsys.readouterr().err
+
+
+def test_bf16_without_bf16_units_certifies_in_fp32_saying_why(digits_checkpoint, tmp_path, capsys,
+                                                                monkeypatch):
+    monkeypatch.setattr(certify, "native_bf16", lambda kind: False)
+    out = tmp_path / "b.tsv"
+    assert run_certify("--checkpoint", digits_checkpoint, "--out", out, "--max", 2, "--n0", 20,
+                       "--n", 200, "--dtype", "bf16", "--no-progress") == 0
+    err = capsys.readouterr().err
+    assert "no native bf16" in err and "certifying in fp32" in err
+    assert len([line for line in err.splitlines() if "bf16" in line]) == 1
+    record = json.loads((tmp_path / "b.tsv.json").read_text())
+    assert record["dtype"] == "fp32" and record["path"]["dtype"] == "fp32"  # what really ran
+    monkeypatch.setattr(certify, "native_bf16", lambda kind: True)  # where the units exist: bf16
+    assert certify.with_native_dtype(certify.CertifySettings(dtype="bf16"),
+                                     torch.device("cpu")).dtype == "bf16"
