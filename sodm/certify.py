@@ -8,6 +8,7 @@ over Ray workers; `CertifySettings` holds what a certification is (n0, N, alpha,
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -26,12 +27,12 @@ from sodm.checkpoint import (CheckpointError, file_hash, load_checkpoint, model_
                              read_checkpoint)
 from sodm.cluster import ClusterError, init_ray
 from sodm.data import VALIDATION_SEED, DataError, dataset_info, load_dataset, subset_indices
-from sodm.fastpath import certify_batch, inference_model, native_bf16
+from sodm.fastpath import COMPILE_AUTO_SAMPLES, COMPILE_MODES, certify_batch, compile_pays, inference_model, native_bf16
 from sodm.metrics import ADAPTIVE_COLUMNS, COLUMNS, Results, format_table, read_results, summary
 from sodm.plots import certified_accuracy_curve
 from sodm.smoothing import Smooth, can_ever_certify, noise_generator
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The field's usual certified subset: every `cohen_skip`-th test image of the data set (20 for
 # CIFAR-10, 100 for ImageNet), at most this many.
 USUAL_MAX = 500
@@ -56,9 +57,12 @@ class CertifySettings(BaseModel):
     start: int = Field(0, ge=0)
     skip: Optional[int] = Field(None, ge=1, description="default: the data set's usual subset")
     max: Optional[int] = Field(USUAL_MAX, ge=0, description="at most this many images (none: all)")
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 0
-    compile: bool = Field(False, description="torch.compile the model (falls back to eager, saying why)")
+    compile: Optional[bool] = Field(None, description="torch.compile the model (falls back to "
+                                    "eager, saying why); None: when the job is long enough to "
+                                    "pay for it (sodm.fastpath.compile_pays)")
+    compile_mode: Literal[COMPILE_MODES] = "default"
     adaptive: bool = Field(False, description="choose each image's number of samples from its "
                            "n0 pilot (Smooth.certify_adaptive); n is then the most drawn")
     max_radius_loss: float = Field(0.01, ge=0, description="adaptive: the radius given up, in "
@@ -265,15 +269,25 @@ def write_provenance(out: Path, record: dict[str, Any]) -> Path:
 
 def with_native_dtype(settings: CertifySettings, device: torch.device,
                       log: Callable[[str], None] | None = None) -> CertifySettings:
-    """settings with fp32 in place of bf16 where the device has no bf16 units: emulated bf16 is
-    several times slower than fp32 there (8.2x on an AVX2-only EPYC), so it buys nothing; the
-    log says so in one line."""
-    if settings.dtype != "bf16" or native_bf16(device.type):
+    """settings with fp32 in place of a reduced precision the device does not compute in
+    hardware: bf16 without bf16 units is emulated, several times slower than fp32 (8.2x on an
+    AVX2-only EPYC), and fp16 is for GPUs; the log says so in one line."""
+    if settings.dtype == "fp32" or (native_bf16(device.type) if settings.dtype == "bf16"
+                                    else device.type == "cuda"):
         return settings
     if log is not None:
-        log(f"bf16 asked for, but this {device.type} has no native bf16 (it would be emulated, "
-            "several times slower than fp32): certifying in fp32")
+        log(f"{settings.dtype} asked for, but this {device.type} has no native {settings.dtype} "
+            "(it would be emulated, several times slower than fp32): certifying in fp32")
     return settings.model_copy(update={"dtype": "fp32"})
+
+
+def with_compile(settings: CertifySettings, device_type: str, images: int) -> CertifySettings:
+    """settings with `compile` decided: as given, or, when None, whether this job (images x
+    (n0 + n) samples at most) is long enough to pay for compiling on this kind of device."""
+    if settings.compile is not None:
+        return settings
+    return settings.model_copy(update={"compile": compile_pays(device_type,
+                                                               images * (settings.n0 + settings.n))})
 
 
 def with_batch(settings: CertifySettings, device: torch.device, dataset) -> CertifySettings:
@@ -288,8 +302,10 @@ def smoothed_classifier(ckpt: dict, sigma: float, settings: CertifySettings, dev
     """The smoothed classifier of a checkpoint's model at noise level sigma, on the fast path
     (BatchNorm folded, channels_last, compiled when asked), and the path it took."""
     model, path = inference_model(model_from_checkpoint(ckpt, device), device,
-                                  compile=settings.compile, log=log)
-    smoothed = Smooth(model, ckpt["model"]["num_classes"], sigma, DTYPES[settings.dtype])
+                                  compile=bool(settings.compile), compile_mode=settings.compile_mode,
+                                  log=log)
+    smoothed = Smooth(model, ckpt["model"]["num_classes"], sigma, DTYPES[settings.dtype],
+                      full_batches=path["compile"])
     return smoothed, {**path, "dtype": settings.dtype}
 
 
@@ -321,12 +337,14 @@ def certify_checkpoint(checkpoint: Path, settings: CertifySettings, out: Path, *
                         f"{split} split of {name} has {len(images)} images")
     if num_workers:
         where = f"ray: {num_workers} {'GPU' if use_gpu else 'CPU'} workers"
+        settings = with_compile(settings, "cuda" if use_gpu else "cpu", len(indices))
         path = {"fold_batchnorm": True, "channels_last": True, "compile": settings.compile,
                 "dtype": settings.dtype, "note": "as asked of the workers"}
     else:
         torch_device = cli.pick_device(device)
         where = str(torch_device)
         settings = with_batch(with_native_dtype(settings, torch_device, log), torch_device, images)
+        settings = with_compile(settings, torch_device.type, len(indices))
         smoothed, path = smoothed_classifier(ckpt, sigma, settings, torch_device, log)
     trained = ckpt.get("config", {})
     selection = ({"validation_split": {"val_size": trained.get("val_size") or info.val_size,
@@ -397,9 +415,14 @@ def main(argv=None) -> int:
                         "CPU, 1000 on a GPU)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--dtype", choices=tuple(DTYPES), default=defaults.dtype,
-                   help="bf16 is an opt-in speed mode; it changes the function being certified")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (falls back to eager mode, saying why)")
+                   help="bf16 and fp16 are opt-in speed modes; they change the function being "
+                        "certified (fp32 where the device lacks them, saying so)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (falls back to eager mode, saying why); default: "
+                        f"when the job draws at least {COMPILE_AUTO_SAMPLES['cpu']:.0e} samples on a "
+                        f"CPU, {COMPILE_AUTO_SAMPLES['cuda']:.0e} on a GPU")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=defaults.compile_mode,
+                   help="torch.compile's mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--adaptive", action="store_true",
                    help="choose each image's N from its n0 pilot (the same guarantee, fewer "
                         "samples); results gain a column n, the samples each image took")
@@ -425,7 +448,8 @@ def main(argv=None) -> int:
     try:
         settings = CertifySettings(n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch,
                                    start=args.start, dtype=args.dtype, seed=args.seed,
-                                   compile=args.compile, adaptive=args.adaptive, **subset,
+                                   compile=args.compile, compile_mode=args.compile_mode,
+                                   adaptive=args.adaptive, **subset,
                                    **({} if args.max_radius_loss is None
                                       else {"max_radius_loss": args.max_radius_loss}))
     except ValidationError as e:

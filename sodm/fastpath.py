@@ -19,6 +19,13 @@ from pathlib import Path
 
 import torch
 
+# A certification long enough to pay for torch.compile's start (noise samples in the whole job):
+# on a GPU 10^8 (the 500-image subset at N = 100,000 is 5 x 10^7 per model and takes minutes,
+# a compile up to a minute); on a CPU 10^7 (hours at a few thousand samples a second, against a
+# compile of about half a minute; bench/certify_speed.py --compile measures what it gains).
+COMPILE_AUTO_SAMPLES = {"cuda": 10 ** 8, "cpu": 10 ** 7}
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
+
 
 @functools.cache
 def native_bf16(device_type: str) -> bool:
@@ -70,10 +77,57 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
         return model
 
 
+def compile_pays(device_type: str, samples: int) -> bool:
+    """Whether a certification of `samples` noise samples in all is long enough that compiling
+    the model pays for its start on this kind of device."""
+    return samples >= COMPILE_AUTO_SAMPLES.get(device_type, float("inf"))
+
+
+class PaddedConv(torch.nn.Module):
+    """A convolution whose input gains zero channels up to a multiple (the 3 colour channels
+    padded to 8, where GPU convolution kernels want channel counts divisible by 8), with zero
+    weights for them: the same sums, so the same function up to the order of additions."""
+
+    def __init__(self, conv: torch.nn.Conv2d, multiple: int):
+        super().__init__()
+        extra = -conv.in_channels % multiple
+        self.extra = extra
+        self.conv = torch.nn.Conv2d(conv.in_channels + extra, conv.out_channels, conv.kernel_size,
+                                    conv.stride, conv.padding, conv.dilation, conv.groups,
+                                    conv.bias is not None, conv.padding_mode,
+                                    device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, :conv.in_channels].copy_(conv.weight)
+            if conv.bias is not None:
+                self.conv.bias.copy_(conv.bias)
+
+    def forward(self, x):
+        return self.conv(torch.nn.functional.pad(x, (0, 0, 0, 0, 0, self.extra)))
+
+
+def pad_input_channels(model: torch.nn.Module, multiple: int = 8) -> tuple[torch.nn.Module, bool]:
+    """A copy of model whose first convolution takes its input padded with zero channels to a
+    multiple of `multiple` (exact: the padded channels meet zero weights); and whether it
+    changed anything (a first convolution already at a multiple, or grouped, is left alone)."""
+    model = copy.deepcopy(model)
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.Conv2d):
+                if child.in_channels % multiple == 0 or child.groups != 1:
+                    return model, False
+                setattr(parent, name, PaddedConv(child, multiple))
+                return model, True
+    return model, False
+
+
 def inference_model(model: torch.nn.Module, device: torch.device, *, fold: bool = True,
                     channels_last: bool = True, compile: bool = False,
+                    compile_mode: str = "default", pad_channels: int = 0,
                     log=None) -> tuple[torch.nn.Module, dict]:
-    """The model as certification runs it, and a record of the path taken (for provenance)."""
+    """The model as certification runs it, and a record of the path taken (for provenance):
+    BatchNorm folded, channels_last, the first convolution's input padded to pad_channels
+    channels (0: not), torch.compile in compile_mode (falls back to eager, saying why)."""
     path = {"fold_batchnorm": False, "channels_last": False, "compile": False}
     model = model.to(device).eval()
     if fold:
@@ -81,15 +135,21 @@ def inference_model(model: torch.nn.Module, device: torch.device, *, fold: bool 
         path["fold_batchnorm"] = not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                                          for m in folded.modules())
         model = folded
+    if pad_channels:
+        model, path["pad_channels"] = pad_input_channels(model, pad_channels)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         path["channels_last"] = True
     if compile:
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
         try:
-            compiled = torch.compile(model)
+            compiled = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
             compiled(torch.zeros(1, *_input_shape(model), device=device).contiguous(
                 memory_format=torch.channels_last if channels_last else torch.contiguous_format))
             model, path["compile"] = compiled, True
+            if compile_mode != "default":
+                path["compile_mode"] = compile_mode
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             path["compile_fallback"] = reason[:200]

@@ -88,19 +88,23 @@ class Smooth:
     ABSTAIN = -1
 
     def __init__(self, base_classifier: torch.nn.Module, num_classes: int, sigma: float,
-                 dtype: torch.dtype = torch.float32):
-        """dtype: float32, or bfloat16 for autocast (an opt-in speed mode that changes the
+                 dtype: torch.dtype = torch.float32, full_batches: bool = False):
+        """dtype: float32, or bfloat16 / float16 for autocast (opt-in speed modes that change the
         function being certified). The noisy batches are drawn in the default (contiguous)
         layout whatever the model's: drawing into a channels_last buffer is several times slower
-        on a CPU, and a channels_last model converts the batch in its first convolution."""
+        on a CPU, and a channels_last model converts the batch in its first convolution.
+        full_batches: every batch the model sees has batch_size images (the last one of a count
+        is filled with extra noise that is not counted), so that a compiled model meets one
+        shape only (no recompilation, and CUDA graphs replay)."""
         if sigma <= 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         self.base_classifier = base_classifier
         self.num_classes = num_classes
         self.sigma = sigma
         self.dtype = dtype
+        self.full_batches = full_batches
 
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
                 generator: torch.Generator | None = None) -> tuple[int, float]:
@@ -161,17 +165,19 @@ class Smooth:
         """Class counts of f(x + eps) over `num` noise draws, as a numpy array of length num_classes."""
         device = x.device
         counts = torch.zeros(self.num_classes, dtype=torch.long, device=device)
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                    if self.dtype == torch.bfloat16 else nullcontext())
-        buffer = torch.empty((min(batch_size, num), *x.shape), device=device, dtype=x.dtype)
+        autocast = (torch.autocast(device.type, dtype=self.dtype)
+                    if self.dtype != torch.float32 else nullcontext())
+        rows = batch_size if self.full_batches else min(batch_size, num)
+        buffer = torch.empty((rows, *x.shape), device=device, dtype=x.dtype)
         with torch.inference_mode(), autocast:
             remaining = num
             while remaining > 0:
-                batch = buffer[: min(batch_size, remaining)]
+                counted = min(batch_size, remaining)
+                batch = buffer if self.full_batches else buffer[:counted]
                 batch.normal_(0.0, self.sigma, generator=generator).add_(x)
-                predictions = self.base_classifier(batch).argmax(dim=1)
+                predictions = self.base_classifier(batch).argmax(dim=1)[:counted]
                 counts += torch.bincount(predictions, minlength=self.num_classes)
-                remaining -= batch.shape[0]
+                remaining -= counted
         return counts.cpu().numpy()
 
 

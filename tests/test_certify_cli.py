@@ -203,3 +203,7 @@ def test_bf16_without_bf16_units_certifies_in_fp32_saying_why(digits_checkpoint,
     monkeypatch.setattr(certify, "native_bf16", lambda kind: True)  # where the units exist: bf16
     assert certify.with_native_dtype(certify.CertifySettings(dtype="bf16"),
                                      torch.device("cpu")).dtype == "bf16"
+    said = []  # fp16 is for GPUs: on a CPU it certifies in fp32 too
+    assert certify.with_native_dtype(certify.CertifySettings(dtype="fp16"), torch.device("cpu"),
+                                     said.append).dtype == "fp32"
+    assert said and "no native fp16" in said[0]

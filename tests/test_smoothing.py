@@ -147,7 +147,7 @@ def test_bad_sigma_and_dtype():
     with pytest.raises(ValueError):
         Smooth(Constant(0), 3, 0.0)
     with pytest.raises(ValueError):
-        Smooth(Constant(0), 3, 0.5, dtype=torch.float16)
+        Smooth(Constant(0), 3, 0.5, dtype=torch.float64)
 
 
 def test_folded_model_gives_the_plain_models_predictions():
