@@ -29,6 +29,7 @@ from sodm.config import ConfigError, TrainConfig
 from sodm.data import (TrainData, dataset_info, load_dataset, load_tensors, subset_indices,
                        train_val_indices)
 from sodm.fastpath import precision_note, training_precision
+from sodm.gaps import gap_metrics, p_a_distribution
 from sodm.losses import LossOutput, gaussian_loss, macer_loss, smoothadv_attack, sodm_loss
 from sodm.mapping import build_mapping
 from sodm.models import build_described, describe_model
@@ -36,13 +37,15 @@ from sodm.refresher import MappingRefresher, needs_refresher
 from sodm.smoothing import (Smooth, lower_confidence_bound, noise_generator, plugin_radius,
                             radius_from_p_a)
 
-# The noise seed of the per-epoch selection metrics: the same for every run and trial.
+# The noise seeds of the per-epoch selection metrics and of the gap probe (sodm.gaps): the same
+# for every run and trial, and different from each other.
 SELECTION_SEED = 4_242
+GAP_SEED = 4_243
 # How often a step checks that the loss is finite (reading it waits for the device).
 FINITE_CHECK_STEPS = 25
 # Config keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = {"epochs", "device", "progress", "time_budget_s", "certify", "eval_count",
-                     "data_dir", "out_dir", "storage", "max_failures"}
+                     "data_dir", "out_dir", "storage", "max_failures", "gap_probe_count"}
 
 
 def compute_loss(cfg: TrainConfig, model, x, y, noise_gen, mapping, beta, autocast=nullcontext(),
@@ -92,14 +95,18 @@ def evaluate(model, x, y, sigma: float, seed: int, batch: int = 500,
 def selection_metrics(model, x, y, cfg: TrainConfig, num_classes: int,
                       bf16: bool = False) -> dict[str, float]:
     """Two ACRs of the smoothed classifier on a few validation images with a small N, for model
-    selection and schedulers, never reported as ACR, from the same draws (n0 = min(64, N) to
-    pick the class, N to measure it):
+    selection and schedulers, never reported as ACR, and its p_A distribution, from the same
+    draws (n0 = min(64, N) to pick the class, N to measure it):
 
       acr_quick   CERTIFY's radius (Clopper-Pearson at cfg.certify.alpha): a certificate, capped
                   at sigma * Phi^-1(alpha^(1/N)) (0.48 at N = 256)
       acr_plugin  sigma * Phi^-1 of the empirical frequency (`plugin_radius`): no certificate,
                   capped at sigma * Phi^-1(1 - 1/(2N)) (0.72 at N = 256), so it tells apart
                   models whose certificates all sit at the cap
+      p_a_q10 ... p_a_q90, cert_acc_plugin_<r>   the quantiles of p_A (the true class's frequency
+                  over the N draws) and the share of images whose p_A clears what radius r needs
+                  at the final certification's N and alpha (cfg.certify), for the table radii
+                  that can be cleared (`sodm.gaps.p_a_distribution`)
 
     The noise of image i is seeded by (SELECTION_SEED, i) for every run and trial alike (common
     random numbers: the trials of a search are compared on the same noise)."""
@@ -107,16 +114,33 @@ def selection_metrics(model, x, y, cfg: TrainConfig, num_classes: int,
     smooth = Smooth(model, num_classes, cfg.sigma, torch.bfloat16 if bf16 else torch.float32)
     n, n0 = cfg.acr_quick_n, min(64, cfg.acr_quick_n)
     certified = plugin = 0.0
+    true_counts = []
     for i in range(len(y)):
         gen = noise_generator(SELECTION_SEED, i, x.device)
         top = int(smooth.sample_counts(x[i], n0, n0, gen).argmax())
-        n_a = int(smooth.sample_counts(x[i], n, n, gen)[top])
+        counts = smooth.sample_counts(x[i], n, n, gen)
+        n_a = int(counts[top])
+        true_counts.append(int(counts[int(y[i])]))
         if top == int(y[i]):
             p_lower = lower_confidence_bound(n_a, n, cfg.certify.alpha)
             certified += radius_from_p_a(p_lower, cfg.sigma) if p_lower >= 0.5 else 0.0
             plugin += plugin_radius(n_a, n, cfg.sigma)
     model.train()
-    return {"acr_quick": certified / len(y), "acr_plugin": plugin / len(y)}
+    return {"acr_quick": certified / len(y), "acr_plugin": plugin / len(y),
+            **p_a_distribution(true_counts, n, cfg.sigma, cfg.certify.n, cfg.certify.alpha)}
+
+
+def probe_gaps(model, mapping, x, y, cfg: TrainConfig) -> dict[str, float]:
+    """For a SODM run with gap_probe_count > 0: the four gaps of `sodm.gaps.gap_metrics` between
+    what its loss sees (the mapping in use, and the static softmax) and what certification
+    counts, on the first gap_probe_count validation images, noise seeded by (GAP_SEED, i);
+    and `gap_seconds`, what the probe cost. Nothing for other runs."""
+    if cfg.method != "sodm" or not cfg.gap_probe_count:
+        return {}
+    start = time.perf_counter()
+    gaps = gap_metrics(model, mapping, x[: cfg.gap_probe_count], y[: cfg.gap_probe_count],
+                       cfg.sigma, cfg.n, cfg.rho, seed=GAP_SEED)
+    return {**gaps, "gap_seconds": time.perf_counter() - start}
 
 
 def validation_tensors(cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -474,7 +498,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
                                     autocast=state.autocast)
             record.update(val_clean_acc=clean, val_noisy_acc=noisy, **selection_metrics(
                 state.model, val_x[: cfg.acr_quick_count], val_y[: cfg.acr_quick_count], cfg,
-                cfg.num_classes, bf16))
+                cfg.num_classes, bf16), **probe_gaps(state.model, state.mapping, val_x, val_y, cfg))
             state.history.append(record)
         save(state, epoch + 1, record, out_dir)
         if session.is_main:
@@ -496,6 +520,9 @@ def format_record(r: dict) -> str:
             f"{r['frac_saturated']:.2f}  train-noisy {r['train_noisy_acc']:.3f}"
             f"  val clean {r['val_clean_acc']:.3f} noisy {r['val_noisy_acc']:.3f}"
             f"  acr_quick {r['acr_quick']:.3f} plugin {r['acr_plugin']:.3f}  {r['seconds']:.1f}s"
+            + (f"  gap mapping/softmax {r['mapping_gap']:.3f}/{r['softmax_gap']:.3f}"
+               f" radius {r['mapping_radius_gap']:.3f}/{r['softmax_radius_gap']:.3f}"
+               if "mapping_gap" in r else "")
             + (f"  refresh {100 * r['refresh_share']:.0f}% v{r['mapping_version']}"
                f" lag {r.get('mapping_lag', 0):.1f} skipped {r.get('refresh_skipped', 0)}"
                if r["mapping_version"] else ""))

@@ -10,7 +10,8 @@ import sodm
 
 PACKAGE = Path(sodm.__file__).resolve().parent
 # The math of the method and of certification: plain torch/numpy/scipy, never Ray or MLflow.
-MATH = ("losses", "smoothing", "mapping", "metrics", "models", "data", "refresher", "checkpoint")
+MATH = ("losses", "smoothing", "mapping", "metrics", "models", "data", "refresher", "checkpoint",
+        "gaps")
 
 
 def imports(module: str) -> set[str]:

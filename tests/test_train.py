@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from sodm import cli, loop, train as train_mod
 from sodm.checkpoint import load_checkpoint, model_from_checkpoint
 from sodm.config import ConfigError, make_config
 from sodm.data import load_dataset
+from sodm.gaps import GAP_KEYS
 from sodm.losses import gaussian_loss, macer_loss, smoothadv_attack, sodm_loss
 from sodm.mapping import build_mapping
 from sodm.metrics import certified_accuracy
@@ -283,3 +285,25 @@ def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(tmp_path):
         loop.train(cfg.model_copy(update={"worker_gpus": 0.5}), resume=True, log=quiet, certify=False)
     history = loop.train(cfg, resume=True, log=quiet, certify=False)["history"]
     assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_every_epoch_logs_the_gaps_and_the_p_a_distribution(tmp_path):
+    """A SODM run's metrics.jsonl holds the four gaps of sodm.gaps (and what the probe cost),
+    the p_A quantiles and the plug-in certified accuracy at the radii the final N can reach;
+    gap_probe_count 0 turns the probe off, and other methods have none."""
+    cfg = make_config(**{**FAST, "epochs": 1}, out_dir=str(tmp_path / "run"), gap_probe_count=4)
+    loop.train(cfg, log=quiet, certify=False)
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    keys = (*GAP_KEYS, "gap_seconds", "p_a_q10", "p_a_q25", "p_a_q50", "p_a_q75", "p_a_q90",
+            "cert_acc_plugin_0.00", "cert_acc_plugin_0.25", "cert_acc_plugin_0.50")
+    assert all(math.isfinite(record[k]) for k in keys), {k: record.get(k) for k in keys}
+    assert "cert_acc_plugin_0.75" not in record  # past what 64 draws and N = 2,000 can tell
+    assert record["cert_acc_plugin_0.00"] >= record["cert_acc_plugin_0.25"] >= record["cert_acc_plugin_0.50"]
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "checkpoint.pt"))
+    x, y = loop.validation_tensors(cfg, "cpu")
+    mapping = build_mapping("affine", 10)
+    assert loop.probe_gaps(model, mapping, x, y, cfg.model_copy(update={"gap_probe_count": 0})) == {}
+    assert loop.probe_gaps(model, mapping, x, y, cfg.model_copy(update={"method": "gaussian"})) == {}
+    with pytest.raises(ConfigError, match="gap_probe_count: the probe's 1,024 noise copies"):
+        make_config(n=2048)
+    assert make_config(n=2048, gap_probe_count=0).n == 2048
