@@ -37,6 +37,7 @@ from sodm.cluster import (ClusterError, StorageError, check_writable, init_ray, 
                           format_bundle, parse_node, place_trials)
 from sodm.config import FLAT_CERT_KEYS, ConfigError, Resources, TrainConfig, make_config
 from sodm.data import load_dataset
+from sodm.gaps import PLUGIN_ACC_PREFIX, check_plugin_metric
 from sodm.metrics import read_results
 from sodm.refresher import needs_refresher
 
@@ -109,7 +110,8 @@ class Distribution(Strict):
 class Search(Strict):
     algorithm: Literal["random", "grid", "tpe"] = "random"
     num_samples: int = Field(4, ge=1)
-    # acr_plugin: a plug-in ACR estimate on the validation split (see sodm.loop.selection_metrics)
+    # acr_plugin: a plug-in ACR estimate on the validation split (see sodm.loop.selection_metrics);
+    # or cert_acc_plugin_<r>: the plug-in certified accuracy at a radius r of the tables
     metric: str = "acr_plugin"
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["fifo", "asha"] = "asha"
@@ -164,10 +166,13 @@ class SpaceFile(Strict):
 
     def trial_config(self, sampled: dict[str, Any], out_dir: str) -> TrainConfig:
         """The whole resolved config of one trial (what its MLflow run records). A trial does not
-        certify (max 0): the best trials are certified at the end, with the `final` settings."""
+        certify (max 0): the best trials are certified at the end, with the `final` settings,
+        whose n0, N and alpha its certify section takes (the plug-in certified accuracy a trial
+        logs is judged at the final certification's N)."""
         base = {k: v for k, v in self.base.items() if k != "certify"}
+        final = self.final.model_dump(include={"n0", "n", "alpha"})
         return make_config(**base, **sampled, **self.resources.run_resources(), out_dir=out_dir,
-                           progress=False, certify={**self.base.get("certify", {}), "max": 0})
+                           progress=False, certify={**self.base.get("certify", {}), **final, "max": 0})
 
     def needs_refresher(self) -> bool:
         """Whether any trial can need a refresher (its share is reserved in every trial's
@@ -265,6 +270,14 @@ def load_space(name: str, overrides: list[str] | None = None) -> tuple[Path, Spa
             raise SpaceError(f"{path}: search.grace_period: {s.grace_period} lets ASHA stop trials "
                              f"before the lr/beta schedule's second phase (from epoch "
                              f"{max(starts) + 1}); make it at least {max(starts) + 1}")
+    if s.metric.startswith(PLUGIN_ACC_PREFIX):  # a radius every trial logs (sigma may be searched)
+        edges = [{k: v} for k in ("sigma", "acr_quick_n") if k in space_file.space
+                 for v in space_file.space[k].candidates()]
+        try:
+            check_plugin_metric(s.metric, [space_file.trial_config(e, "/tmp/sodm-validate")
+                                           for e in [{}, *edges]])
+        except ValueError as e:
+            raise SpaceError(f"{path}: search.metric: {e}") from None
     if space_file.search.algorithm == "tpe":
         try:
             import optuna  # noqa: F401

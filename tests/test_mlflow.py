@@ -3,6 +3,7 @@ status, source tags, data inputs, system metrics, the search's own pictures and 
 report; browsed through a real `mlflow server` (REST), as the UI does."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -231,3 +232,26 @@ def test_report_refuses_an_unknown_experiment(tmp_path, capsys):
     assert "no experiment 'nope'" in err and "there" in err
     assert cli.run(report.main, "sodm.report", ["--experiment", "there", "--mlflow-uri", uri]) == 2
     assert "no certified run" in capsys.readouterr().err
+
+
+def test_report_draws_each_certified_runs_p_a_distribution(tmp_path, capsys):
+    """Beside the radius curves, p_a.png: the certified lower bounds on p_A read back from each
+    run's rows with the sigma of its provenance; a run without provenance is left out of it."""
+    uri = tracking.resolve_uri(str(tmp_path / "mlflow.db"))
+    experiment = tracking.ensure_experiment(uri, "pa")
+    for name, sigma, provenance in (("a", 0.25, True), ("b", 0.5, True), ("c", 0.25, False)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "certify.tsv").write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+                                            "0\t1\t1\t0.5\t1\t0.1\n1\t2\t-1\t0.0\t0\t0.1\n")
+        run_id = tracking.start_run(uri, experiment, name)
+        tracking.log_artifact(uri, run_id, folder / "certify.tsv", tracking.CERTIFICATION_DIR)
+        if provenance:
+            (folder / "certify.tsv.json").write_text(json.dumps({"sigma": sigma}))
+            tracking.log_artifact(uri, run_id, folder / "certify.tsv.json", tracking.CERTIFICATION_DIR)
+    out = tmp_path / "report"
+    assert cli.run(report.main, "sodm.report", ["--experiment", "pa", "--mlflow-uri", uri,
+                                                "--out", str(out)]) == 0
+    png = (out / "p_a.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and b"a\nb" in png and b"\nc" not in png
+    assert "![p_A](p_a.png)" in (out / "report.md").read_text()

@@ -65,6 +65,10 @@ def test_good_space_validates(tmp_path, capsys):
     (with_("space.beta", {"type": "grid", "values": [1, 2]}), "type grid needs search.algorithm grid"),
     (with_("search.algorithm", "grid"), "grid needs every space entry of type grid"),
     ("name: [unclosed", "not valid YAML"),
+    (with_("search.metric", "cert_acc_plugin_0.3"), "search.metric: cert_acc_plugin_0.3: the radius must be one of the tables'"),
+    (with_("search.metric", "cert_acc_plugin_0.75"), "no image can clear radius 0.75 at sigma 0.25, acr_quick_n 256"),
+    ({**with_("search.metric", "cert_acc_plugin_0.50"), "space": {**GOOD["space"], "sigma": {
+        "type": "choice", "values": [0.5, 0.12]}}}, "no image can clear radius 0.50 at sigma 0.12"),
 ])
 def test_bad_space_files(tmp_path, capsys, doc, message):
     path = write(tmp_path, doc)
@@ -72,6 +76,16 @@ def test_bad_space_files(tmp_path, capsys, doc, message):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert str(path) in err and message in err, err
+
+
+def test_a_search_may_select_on_plugin_certified_accuracy_at_a_radius(tmp_path):
+    """cert_acc_plugin_<r>, judged at the final certification's N and alpha (which every trial's
+    certify section takes: it never certifies itself)."""
+    doc = with_("search.metric", "cert_acc_plugin_0.50")
+    doc["final"] = {"n0": 50, "n": 5000, "alpha": 0.01}
+    path, space_file = tune.load_space(str(write(tmp_path, doc)))
+    certify = space_file.trial_config({}, str(tmp_path)).certify
+    assert (certify.n0, certify.n, certify.alpha, certify.max) == (50, 5000, 0.01, 0)
 
 
 def test_bare_names_resolve_to_tune_spaces(tmp_path, monkeypatch):
