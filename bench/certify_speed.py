@@ -4,11 +4,15 @@ copy of the predictions and np.bincount per batch), measured interleaved in one 
 achieved FLOP/s against a measured matmul peak of the same dtype.
 
 Paths: `Smooth.sample_counts` in fp32 with the plain model; with channels_last; with BatchNorm
-folded + channels_last (what `sodm.certify` does by default); + torch.compile (`--compile`, opt-in);
-bf16 autocast; bf16 + channels_last (+ folded: `sodm.certify --dtype bf16`).
+folded + channels_last (what `sodm.certify` does by default); bf16 autocast; bf16 + channels_last
+(+ folded: `sodm.certify --dtype bf16`); fp16 folded + channels_last on a GPU (`--dtype fp16`).
+`--extra` adds, for each dtype, the folded path with the input convolution padded to 8 channels
+(`--pad-channels 8`) and with torch.compile in each of `--compile-modes` (full batches, as
+`sodm.certify` runs a compiled model; the compile's own seconds are printed).
 
     python bench/certify_speed.py [--archs cifar_resnet20 cifar_resnet110] [--n 2000] [--batch 500]
     python bench/certify_speed.py --archs resnet50 --size 224     # on a GPU
+    python bench/certify_speed.py --archs cifar_resnet110 --extra --compile-modes default max-autotune
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 from flops import forward_flops, gflops, matmul_peak
 
-from sodm.fastpath import inference_model, native_bf16
+from sodm.fastpath import COMPILE_MODES, inference_model, native_bf16
 from sodm.models import build_model
 from sodm.smoothing import Smooth
 
@@ -39,6 +43,27 @@ def reference_counts(model, x, num, batch_size, sigma, num_classes):
             predictions = model(batch + noise).argmax(1)
             counts += np.bincount(predictions.cpu().numpy(), minlength=num_classes)
     return counts
+
+
+def extra_paths(model, device, dtypes, modes, x, batch):
+    """The folded path of each dtype with the input padded to 8 channels, and compiled in each
+    mode (fed full batches, as sodm.certify feeds a compiled model), the compile timed apart."""
+    out = []
+    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    padded, _ = inference_model(model, device, pad_channels=8)
+    for name in dtypes:
+        out.append((f"{name} folded+cl+pad8", Smooth(padded, 10, 0.25, torch_dtypes[name])))
+        for mode in modes:
+            start = time.perf_counter()
+            compiled, taken = inference_model(model, device, compile=True, compile_mode=mode,
+                                              log=print)
+            if not taken["compile"]:
+                continue
+            smooth = Smooth(compiled, 10, 0.25, torch_dtypes[name], full_batches=True)
+            smooth.sample_counts(x, batch, batch)  # compiles
+            print(f"# compile {name} {mode}: {time.perf_counter() - start:.0f} s", flush=True)
+            out.append((f"{name} folded+cl+compile {mode}"[:27], smooth))
+    return out
 
 
 def timed(fns, device, repeats):
@@ -67,6 +92,11 @@ def main():
     p.add_argument("--batch", type=int, default=None, help="default: 500 CPU, 1000 GPU")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    p.add_argument("--extra", action="store_true",
+                   help="also the padded-input and compiled paths of every dtype")
+    p.add_argument("--compile-modes", nargs="+", default=["default"], choices=COMPILE_MODES)
+    p.add_argument("--dtypes", nargs="+", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="default: fp32 and bf16 (and fp16 on a GPU)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n = args.n or (100_000 if device.type == "cuda" else 2000)
@@ -98,11 +128,19 @@ def main():
         paths += [("bf16", Smooth(model, 10, 0.25, torch.bfloat16)),
                   ("bf16 channels_last", Smooth(cl, 10, 0.25, torch.bfloat16)),
                   ("bf16 folded+channels_last", Smooth(folded, 10, 0.25, torch.bfloat16))]
+        dtypes = args.dtypes or (["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"])
+        if "fp16" in dtypes:
+            paths.append(("fp16 folded+channels_last", Smooth(folded, 10, 0.25, torch.float16)))
+        paths = [(label, smooth) for label, smooth in paths
+                 if {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[smooth.dtype] in dtypes]
+        if args.extra:
+            paths += extra_paths(model, device, dtypes, args.compile_modes, x, batch)
         fns = [lambda: reference_counts(model, x.unsqueeze(0), n, batch, 0.25, 10)]
         fns += [lambda s=s: s.sample_counts(x, n, batch) for _, s in paths]
         base, *times = timed(fns, device, args.repeats)
 
         def row(label, t, dtype):
+            dtype = torch.bfloat16 if dtype == torch.float16 else dtype  # the same tensor-core peak
             achieved = flops * n / t
             print(f"{arch:<17}{label:<28}{n / t:>11.0f}{base / t:>7.2f}{gflops(achieved):>9}"
                   f"{100 * achieved / peaks[dtype]:>8.0f}%", flush=True)
