@@ -20,6 +20,10 @@ from statsmodels.stats.proportion import proportion_confint
 # successive candidate sample sizes (n_max, n_max / sqrt 2, n_max / 2, ...).
 PILOT_CONFIDENCE = 0.99
 N_STEP = math.sqrt(2)
+# The pilot grows (x4) while the n it asks for is over PILOT_GROWTH times the pilot's own size and
+# the grown pilot stays within n_max / PILOT_GROWTH: a sharper p_A estimate that may save much
+# more than it costs (it is discarded like the first one).
+PILOT_GROWTH = 8
 
 
 def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
@@ -77,6 +81,15 @@ def adaptive_n(count_a: int, n0: int, n_max: int, alpha: float, sigma: float,
     return chosen
 
 
+def pilot_extra(drawn: int, n: int, n_max: int, max_radius_loss: float) -> int:
+    """How many more pilot samples adaptive CERTIFY draws when a pilot of `drawn` samples asked
+    for n estimation samples: 3 x drawn (the pilot grows fourfold) while n is over PILOT_GROWTH
+    times the pilot and the grown pilot stays within n_max / PILOT_GROWTH; else 0."""
+    if max_radius_loss > 0 and n > PILOT_GROWTH * drawn and 4 * drawn <= n_max / PILOT_GROWTH:
+        return 3 * drawn
+    return 0
+
+
 def can_ever_certify(n: int, alpha: float) -> bool:
     """Whether n samples at level alpha can certify at all: the best bound, alpha^(1/n), must beat 1/2."""
     return math.log(alpha) / n > math.log(0.5)
@@ -129,25 +142,31 @@ class Smooth:
         The n0 pilot samples pick the top class (as CERTIFY's selection samples do) and, from its
         count, how many fresh samples to draw (`adaptive_n`): at most n_max, fewer where the
         radius is settled before n_max, none where the pilot shows the image cannot be certified
-        (it abstains). Only the fresh samples enter the Clopper-Pearson bound, and their number
-        was fixed before they were drawn, so P(radius > the true radius) <= alpha holds exactly as
-        for CERTIFY; the pilot is discarded. The radius is, in expectation, at most about
-        max_radius_loss below CERTIFY's at n_max (for every p_A the pilot finds plausible).
+        (it abstains). While that number is over PILOT_GROWTH times the pilot's size, the pilot
+        grows fourfold (up to n_max / PILOT_GROWTH) and the number is chosen again from all of it.
+        Only the fresh samples enter the Clopper-Pearson bound, and their number was fixed before
+        they were drawn, so P(radius > the true radius) <= alpha holds exactly as for CERTIFY; the
+        pilot is discarded. The radius is, in expectation, at most about max_radius_loss below
+        CERTIFY's at n_max (for every p_A the pilot finds plausible).
 
         Returns (prediction, radius, n_used); (-1, 0.0, n_used) when it abstains. n_used counts
         every sample drawn for the image (pilot and estimation).
         """
         self.base_classifier.eval()
         pilot = self.sample_counts(x, n0, batch_size, generator)
-        c_a = int(pilot.argmax())
-        n = adaptive_n(int(pilot[c_a]), n0, n_max, alpha, self.sigma, max_radius_loss)
+        c_a, drawn = int(pilot.argmax()), n0
+        n = adaptive_n(int(pilot[c_a]), drawn, n_max, alpha, self.sigma, max_radius_loss)
+        while extra := pilot_extra(drawn, n, n_max, max_radius_loss):
+            pilot += self.sample_counts(x, extra, batch_size, generator)
+            drawn += extra
+            n = adaptive_n(int(pilot[c_a]), drawn, n_max, alpha, self.sigma, max_radius_loss)
         if n == 0:
-            return Smooth.ABSTAIN, 0.0, n0
+            return Smooth.ABSTAIN, 0.0, drawn
         counts = self.sample_counts(x, n, batch_size, generator)
         p_a_lower = lower_confidence_bound(int(counts[c_a]), n, alpha)
         if p_a_lower < 0.5:
-            return Smooth.ABSTAIN, 0.0, n0 + n
-        return c_a, radius_from_p_a(p_a_lower, self.sigma), n0 + n
+            return Smooth.ABSTAIN, 0.0, drawn + n
+        return c_a, radius_from_p_a(p_a_lower, self.sigma), drawn + n
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int,
                 generator: torch.Generator | None = None) -> int:

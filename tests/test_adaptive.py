@@ -10,8 +10,8 @@ import torch
 from scipy.stats import beta as beta_dist
 from scipy.stats import norm
 
-from sodm.smoothing import (Smooth, adaptive_n, lower_confidence_bound, radius_from_p_a,
-                            typical_radius)
+from sodm.smoothing import (Smooth, adaptive_n, lower_confidence_bound, pilot_extra,
+                            radius_from_p_a, typical_radius)
 from test_smoothing import Constant, Threshold
 
 
@@ -33,6 +33,16 @@ def test_typical_radius_is_the_certificate_at_the_typical_count():
     # all n right: the cap sigma * Phi^-1(alpha^(1/n))
     assert typical_radius([1.0], n, alpha, sigma)[0] == pytest.approx(
         sigma * norm.ppf(alpha ** (1 / n)))
+
+
+def test_the_pilot_grows_fourfold_while_it_is_small_against_its_n():
+    assert pilot_extra(100, 100_000, 100_000, 0.01) == 300  # 100,000 > 8 x 100
+    assert pilot_extra(400, 100_000, 100_000, 0.01) == 1200
+    assert pilot_extra(1600, 100_000, 100_000, 0.01) == 4800  # to 6,400 <= 12,500
+    assert pilot_extra(6400, 100_000, 100_000, 0.01) == 0  # 25,600 > n_max / 8
+    assert pilot_extra(100, 800, 100_000, 0.01) == 0  # n no more than 8 x the pilot
+    assert pilot_extra(100, 0, 100_000, 0.01) == 0  # abstained
+    assert pilot_extra(100, 100_000, 100_000, 0.0) == 0  # no loss allowed: CERTIFY itself
 
 
 def test_the_rule_by_hand():
@@ -101,21 +111,27 @@ def test_expected_radius_loss_stays_within_the_bound():
     n0, n_max, alpha, sigma, loss, reps = 100, 100_000, 0.001, 0.25, 0.01, 300
     for p in (0.45, 0.52, 0.6, 0.8, 0.95, 0.99, 0.999, 1.0):
         fixed = typical_radius(rng.binomial(n_max, p, reps) / n_max, n_max, alpha, sigma)
-        pilots = rng.binomial(n0, p, reps)
-        sizes = np.array([adaptive_n(int(c), n0, n_max, alpha, sigma, loss) for c in pilots])
-        counts = rng.binomial(np.maximum(sizes, 1), p)
-        adaptive = np.array([typical_radius([k / s], s, alpha, sigma)[0] if s else 0.0
-                             for k, s in zip(counts, sizes)])
-        assert fixed.mean() - adaptive.mean() <= loss + 3 * fixed.std() / math.sqrt(reps) + 1e-3
+        used, adaptive = [], []
+        for _ in range(reps):  # certify_adaptive's steps, with binomial counts for the samples
+            count, drawn = rng.binomial(n0, p), n0
+            n = adaptive_n(count, drawn, n_max, alpha, sigma, loss)
+            while extra := pilot_extra(drawn, n, n_max, loss):
+                count, drawn = count + rng.binomial(extra, p), drawn + extra
+                n = adaptive_n(count, drawn, n_max, alpha, sigma, loss)
+            adaptive.append(typical_radius([rng.binomial(n, p) / n], n, alpha, sigma)[0] if n else 0.0)
+            used.append(drawn + n)
+        assert fixed.mean() - np.mean(adaptive) <= loss + 3 * fixed.std() / math.sqrt(reps) + 1e-3
+        assert max(used) <= n_max / 8 + n_max  # the pilot stays within n_max / PILOT_GROWTH
         if p < 0.99:
-            assert (n0 + sizes).mean() < n_max / 2
+            assert np.mean(used) < n_max / 2
 
 
 def test_constant_classifier_takes_the_cap_at_n_max():
     n0, n_max, alpha, sigma = 50, 5000, 0.001, 0.25
     prediction, radius, n_used = Smooth(Constant(2), 3, sigma).certify_adaptive(
         torch.zeros(3, 4, 4), n0, n_max, alpha, 1000, 0.01)
-    assert (prediction, n_used) == (2, n0 + n_max)
+    # asked for n_max > 8 x 50, the pilot grows once, to 200 (800 would pass n_max / 8 = 625)
+    assert (prediction, n_used) == (2, 200 + n_max)
     assert radius == pytest.approx(sigma * norm.ppf(alpha ** (1 / n_max)), rel=1e-9)
 
 
