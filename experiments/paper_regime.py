@@ -23,7 +23,9 @@ holds the table so far (every radius, ACR, images seen, seconds, seed, the certi
 the device) and where the campaign stands; `<out>/curves.png` the curves.
 
 `--budget-s S` stops before S seconds: training at an epoch boundary (the next epoch's time
-estimated from the last one's), certification between images; a second call with the same `--out`
+estimated from the last one's; a wrong estimate stops it mid-epoch, losing that epoch),
+certification when the budget runs out (the image in flight dropped, the rows before it kept: sodm
+has no hook between images); a second call with the same `--out`
 continues where the first stopped, and a finished run is never touched again. A call killed
 outright loses at most the epoch or the image in flight (sodm's checkpoints are atomic, each
 certified row is flushed). `--tiny` runs the same campaign at toy size on a CPU (any small
@@ -31,18 +33,21 @@ ImageFolder with train/ and test/), for the tests.
 
 The GPU travels light: a device call receives the working tree and at most 8 carried paths,
 64 MiB in all, and brings back at most 8 files of 16 MiB from $OUT. So the data go as one pack
-(the 60,000 JPEGs share one 623-byte header, stored once: 17 MiB instead of 52.7), and the state
+(the 60,000 JPEGs share one 623-byte header, stored once: 18.7 MiB instead of 52.7), and the state
 goes out and comes back as tar files holding only what continues the campaign.
 
-    # here, once: the data pack (experiments/data/ is ignored by git)
+    # here, once: the data pack (experiments/data/ is ignored by git), and pydantic for the
+    # device's Python 3.12 (its image lacks it; .whl/ is ignored by git)
     python experiments/paper_regime.py pack ../shared/data/cifar10-jpeg experiments/data/cifar10-jpeg.npz
+    python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl pydantic==2.14.4 \\
+        pydantic_core==2.50.5 annotated-types typing-inspection "typing_extensions>=4.16"
     # here, before each device call: the state that continues the campaign (none the first time)
     python experiments/paper_regime.py export --out experiments/out-paper \\
         --to experiments/out-paper-carry --minimal --also experiments/data/cifar10-jpeg.npz .whl
     # the device call (the `run` tool): command `bash experiments/paper_regime_device.sh`,
     #   timeout_s 540, carry ["experiments/data/cifar10-jpeg.npz", "experiments/out-paper-carry", ".whl"]
-    #   (.whl: pydantic for the device's Python 3.12, see the script); $OUT comes back with
-    #   state-*.tar and call.log
+    #   (about 22 MiB, 36 at most, of the 64); $OUT comes back with state-*.tar and call.log
     # here, after it: the state brought back (FILES_AT: the reply's files_at folder)
     python experiments/paper_regime.py import FILES_AT --out experiments/out-paper
     python experiments/paper_regime.py status --out experiments/out-paper
@@ -363,15 +368,19 @@ def train_within(run: Run, data_dir: Path, budget: Budget, log: Callable[[str], 
     if done < cfg.epochs:
         if not budget.allows(start_margin_s + (history[-1]["seconds"] if history else 0.0)):
             raise BudgetSpent
-        last_epoch, last_step = [time.monotonic()], [time.monotonic()]
+        # The times of the last step and epoch, measured from the end of the first step: the
+        # start (data, model, the imports a first step makes) is paid once a call.
+        last = {"step": None, "epoch": None}
 
         def on_epoch(record):
-            epoch_seconds, last_epoch[0] = time.monotonic() - last_epoch[0], time.monotonic()
+            now = time.monotonic()
+            epoch_seconds, last["epoch"] = now - (last["epoch"] or last["step"]), now
             if record["epoch"] < cfg.epochs and not budget.allows(epoch_seconds):
                 raise BudgetSpent
 
         def on_step(epoch, step):  # the estimate was wrong: lose this epoch, not the budget
-            step_seconds, last_step[0] = time.monotonic() - last_step[0], time.monotonic()
+            now = time.monotonic()
+            step_seconds, last["step"] = now - (last["step"] or now), now
             if not budget.allows(step_seconds):
                 raise BudgetSpent
 
@@ -772,17 +781,15 @@ def main(argv=None) -> int:
     if args.command == "export":
         if read_campaign(args.out.resolve()) is None:
             print(f"no campaign in {args.out} yet: nothing to export (a first call starts one)")
-            (args.to).mkdir(parents=True, exist_ok=True)
+            args.to.mkdir(parents=True, exist_ok=True)
             for old in args.to.glob("state-*.tar"):
                 old.unlink()
-            return 0
-        written = export(args.out, args.to, args.minimal, args.max_files)
-        for path in written:
+        for path in export(args.out, args.to, args.minimal, args.max_files):
             print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB")
         if args.also or args.minimal:
             total = travel_size([args.to, *args.also])
             print(f"a device call carrying {args.to} {' '.join(map(str, args.also))} sends "
-                  f"{total / 2**20:.1f} MiB of its {TRAVEL_LIMIT / 2**20:.0f}")
+                  f"{total / 2**20:.1f} MiB of its {TRAVEL_LIMIT / 2**20:.0f} (with the working tree)")
             if total > TRAVEL_LIMIT:
                 raise cli.UsageError(f"{total / 2**20:.1f} MiB is over the device's {TRAVEL_LIMIT / 2**20:.0f} MiB")
         return 0
