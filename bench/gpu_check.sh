@@ -6,11 +6,11 @@
 # Needs torch with CUDA; pydantic may be carried as wheels in .whl/ (installed to /tmp/site).
 # The certification set also needs gpu_in/ (carried; ignored by git), made here with
 #   mkdir -p gpu_in/cifar10/train && cp -r ../shared/data/cifar10-jpeg/test gpu_in/cifar10/ \
-#     && cp experiments/out-adaptive/gaussian20/checkpoint.pt gpu_in/resnet20.pt   # 9.9 MiB
+#     && cp experiments/out-adaptive/gaussian20/checkpoint.pt gpu_in/resnet20.pt   # 8.8 + 2.2 MiB
 # (a CIFAR-10 ResNet-20 trained by sodm.train; any sodm CIFAR-10 checkpoint does).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-gpu_out}
+OUT=$(realpath -m "${OUT:-gpu_out}")  # absolute: the commands run in bench/
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

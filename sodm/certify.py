@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Optional
 
 import torch
+from scipy.stats import norm
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sodm import __version__, cli, tracking
@@ -43,6 +44,10 @@ MAX_SAMPLES = 10 ** 12
 BEFORE_ADAPTIVE = {"adaptive": False, "max_radius_loss": None}
 
 
+class CertifyError(ValueError):
+    """A certification that cannot be run as asked (the message says why)."""
+
+
 class CertifySettings(BaseModel):
     """One certification: CERTIFY's n0, N, alpha and batch, which images (start, every skip-th,
     at most max; skip None is the data set's usual stride, max 0 certifies nothing), the
@@ -64,7 +69,8 @@ class CertifySettings(BaseModel):
                                     "pay for it (sodm.fastpath.compile_pays)")
     compile_mode: Literal[COMPILE_MODES] = "default"
     adaptive: bool = Field(False, description="choose each image's number of samples from its "
-                           "n0 pilot (Smooth.certify_adaptive); n is then the most drawn")
+                           "n0 pilot (Smooth.certify_adaptive); n is then the most estimated "
+                           "with (the pilot, at most n / 8, comes on top)")
     max_radius_loss: float = Field(0.01, ge=0, description="adaptive: the radius given up, in "
                                    "expectation, against CERTIFY at n (0: always n)")
 
@@ -104,8 +110,8 @@ def read_done(out: Path, header: tuple[str, ...] = COLUMNS) -> dict[int, str]:
     lines = out.read_text().split("\n")  # the part after the final newline, "" if there is one
     if lines[0].split("\t") != list(header):
         if lines[0].split("\t") in (list(COLUMNS), list(ADAPTIVE_COLUMNS)):
-            kind = "adaptive" if lines[0].endswith("\tn") else "fixed-N"
-            raise cli.UsageError(f"{out} holds a {kind} certification; choose another --out")
+            kind = "an adaptive" if lines[0].endswith("\tn") else "a fixed-N"
+            raise cli.UsageError(f"{out} holds {kind} certification; choose another --out")
         raise cli.UsageError(f"{out} exists and is not a certification TSV; choose another --out")
     for line in lines[1:-1]:
         fields = line.split("\t")
@@ -197,9 +203,10 @@ class CertifyWorker:
                                self.device)
         self.dataset = load_dataset(job["dataset"], job["split"], job["data_dir"])
         self.settings = with_batch(CertifySettings(**job["settings"]), self.device, self.dataset)
-        if with_native_dtype(self.settings, self.device) != self.settings:  # the driver recorded bf16
+        if with_native_dtype(self.settings, self.device) != self.settings:  # the driver recorded it
+            d = self.settings.dtype
             raise RuntimeError(f"a certification worker on a {self.device.type} without native "
-                               "bf16 was asked for bf16; certify in fp32 (--dtype fp32) there")
+                               f"{d} was asked for {d}; certify in fp32 (--dtype fp32) there")
         self.smoothed, self.path = smoothed_classifier(ckpt, job["sigma"], self.settings, self.device)
 
     def certify(self, indices: list[int]) -> list[str]:
@@ -303,7 +310,8 @@ def smoothed_classifier(ckpt: dict, sigma: float, settings: CertifySettings, dev
     (BatchNorm folded, channels_last, compiled when asked), and the path it took."""
     model, path = inference_model(model_from_checkpoint(ckpt, device), device,
                                   compile=bool(settings.compile), compile_mode=settings.compile_mode,
-                                  log=log)
+                                  warmup_batch=settings.batch or 1,
+                                  warmup_dtype=DTYPES[settings.dtype], log=log)
     smoothed = Smooth(model, ckpt["model"]["num_classes"], sigma, DTYPES[settings.dtype],
                       full_batches=path["compile"])
     return smoothed, {**path, "dtype": settings.dtype}
@@ -330,6 +338,11 @@ def certify_checkpoint(checkpoint: Path, settings: CertifySettings, out: Path, *
     if info.num_classes != ckpt["model"]["num_classes"]:
         raise DataError(f"data set {name} has {info.num_classes} classes, the checkpoint "
                         f"{ckpt['model']['num_classes']}")
+    if settings.adaptive and settings.max_radius_loss >= sigma * norm.ppf(settings.alpha ** (1 / settings.n)):
+        raise CertifyError(f"max_radius_loss {settings.max_radius_loss} is at least the largest "
+                           f"radius N = {settings.n} can certify at sigma {sigma} "
+                           f"({sigma * norm.ppf(settings.alpha ** (1 / settings.n)):.3f}): every "
+                           "image would abstain")
     images = load_dataset(name, split, data_dir, download=download)
     indices = settings.indices(name, len(images))
     if not indices and settings.max != 0:
@@ -489,7 +502,7 @@ def _certify_cli(args, settings: CertifySettings, tmp: str) -> int:
             progress=not args.no_progress, download=args.download,
             subset_note={"preset": args.preset}, model_uri=model_uri,
             log=lambda line: print(f"sodm.certify: note: {line}", file=sys.stderr))
-    except (CheckpointError, DataError, ClusterError) as e:
+    except (CheckpointError, DataError, ClusterError, CertifyError) as e:
         raise cli.UsageError(str(e)) from None
     print(format_table({args.out.stem: results}))
     return 0

@@ -31,7 +31,7 @@ COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduc
 def native_bf16(device_type: str) -> bool:
     """Whether the device type computes bf16 in hardware (decided once per process)."""
     if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type != "cpu":
         return False
     probes = [getattr(torch.cpu, name, None)
@@ -124,10 +124,13 @@ def pad_input_channels(model: torch.nn.Module, multiple: int = 8) -> tuple[torch
 def inference_model(model: torch.nn.Module, device: torch.device, *, fold: bool = True,
                     channels_last: bool = True, compile: bool = False,
                     compile_mode: str = "default", pad_channels: int = 0,
+                    warmup_batch: int = 1, warmup_dtype: torch.dtype = torch.float32,
                     log=None) -> tuple[torch.nn.Module, dict]:
     """The model as certification runs it, and a record of the path taken (for provenance):
     BatchNorm folded, channels_last, the first convolution's input padded to pad_channels
-    channels (0: not), torch.compile in compile_mode (falls back to eager, saying why)."""
+    channels (0: not; the benchmarks' option, not yet sodm.certify's), torch.compile in
+    compile_mode with static shapes, compiled by one warm-up call of warmup_batch images under
+    the arithmetic certification will use (falls back to eager, saying why)."""
     path = {"fold_batchnorm": False, "channels_last": False, "compile": False}
     model = model.to(device).eval()
     if fold:
@@ -144,9 +147,12 @@ def inference_model(model: torch.nn.Module, device: torch.device, *, fold: bool 
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
         try:
-            compiled = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
-            compiled(torch.zeros(1, *_input_shape(model), device=device).contiguous(
-                memory_format=torch.channels_last if channels_last else torch.contiguous_format))
+            compiled = torch.compile(model, mode=None if compile_mode == "default" else compile_mode,
+                                     dynamic=False)
+            autocast = (torch.autocast(device.type, dtype=warmup_dtype)
+                        if warmup_dtype != torch.float32 else nullcontext())
+            with torch.inference_mode(), autocast:
+                compiled(torch.zeros(warmup_batch, *_input_shape(model), device=device))
             model, path["compile"] = compiled, True
             if compile_mode != "default":
                 path["compile_mode"] = compile_mode
@@ -174,5 +180,6 @@ def certify_batch(device: torch.device, input_shape) -> int:
 def _input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
     """A plausible input shape for a warm-up call: the first convolution's channels, 32 px
     (ImageNet-size models take any size of at least 32)."""
-    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-    return conv.in_channels, 32, 32
+    conv = next(m for m in model.modules() if isinstance(m, (PaddedConv, torch.nn.Conv2d)))
+    channels = conv.conv.in_channels - conv.extra if isinstance(conv, PaddedConv) else conv.in_channels
+    return channels, 32, 32

@@ -62,6 +62,7 @@ def adaptive_n(count_a: int, n0: int, n_max: int, alpha: float, sigma: float,
     typical radius is at most max_radius_loss below n_max's for every p_A of the pilot's
     Clopper-Pearson interval at PILOT_CONFIDENCE; 0 (abstain without estimating) when even the
     top of that interval gives at most max_radius_loss at n_max. A loss of 0 is always n_max.
+    (The candidates are tried from n_max down; the first that fails ends the search.)
 
     It sees only the pilot, never the samples it sizes: the estimate's bound then holds at alpha
     whatever n this returns (the n is fixed before those samples are drawn)."""
@@ -107,8 +108,8 @@ class Smooth:
         layout whatever the model's: drawing into a channels_last buffer is several times slower
         on a CPU, and a channels_last model converts the batch in its first convolution.
         full_batches: every batch the model sees has batch_size images (the last one of a count
-        is filled with extra noise that is not counted), so that a compiled model meets one
-        shape only (no recompilation, and CUDA graphs replay)."""
+        is filled with rows that are not counted; the noise drawn is the same as without), so
+        that a compiled model meets one shape only (no recompilation, and CUDA graphs replay)."""
         if sigma <= 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -187,13 +188,15 @@ class Smooth:
         autocast = (torch.autocast(device.type, dtype=self.dtype)
                     if self.dtype != torch.float32 else nullcontext())
         rows = batch_size if self.full_batches else min(batch_size, num)
-        buffer = torch.empty((rows, *x.shape), device=device, dtype=x.dtype)
+        buffer = torch.zeros((rows, *x.shape), device=device, dtype=x.dtype)
         with torch.inference_mode(), autocast:
             remaining = num
             while remaining > 0:
                 counted = min(batch_size, remaining)
+                # noise is drawn for the counted rows only (the same stream as without
+                # full_batches); the rest of a full batch is filler that is not counted
+                buffer[:counted].normal_(0.0, self.sigma, generator=generator).add_(x)
                 batch = buffer if self.full_batches else buffer[:counted]
-                batch.normal_(0.0, self.sigma, generator=generator).add_(x)
                 predictions = self.base_classifier(batch).argmax(dim=1)[:counted]
                 counts += torch.bincount(predictions, minlength=self.num_classes)
                 remaining -= counted

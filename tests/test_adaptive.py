@@ -171,3 +171,25 @@ def test_a_search_certifies_adaptively_when_its_space_says_so(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(tune.SpaceError, match="final.max_radius_loss"):
         tune.load_space(str(path))
+
+
+def test_only_the_estimation_samples_enter_the_bound(monkeypatch):
+    """The pilot's counts are discarded: the radius is the Clopper-Pearson bound of the fresh
+    counts alone (pooling the pilot in would break the guarantee)."""
+    calls = []
+
+    def counts(x, num, batch, generator=None):  # the pilot at 0.7, the estimate at 0.6
+        calls.append(num)
+        share = 0.7 if num in (100, 300, 1200, 4800) else 0.6
+        return np.array([num - round(share * num), round(share * num)])
+
+    smooth = Smooth(Threshold(0.0), 2, 0.5)
+    monkeypatch.setattr(smooth, "sample_counts", counts)
+    prediction, radius, used = smooth.certify_adaptive(half_space(0.3), 100, 100_000, 0.001,
+                                                       1000, 0.01)
+    *pilot, n = calls
+    # the pilot grown three times, to 6,400 (a fourth would pass 100,000 / 8), then the estimate
+    assert pilot == [100, 300, 1200, 4800] and used == 6400 + n and n not in pilot
+    assert prediction == 1
+    assert radius == pytest.approx(radius_from_p_a(lower_confidence_bound(round(0.6 * n), n, 0.001), 0.5),
+                                   rel=1e-12)

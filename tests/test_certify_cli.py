@@ -188,6 +188,10 @@ def test_max_radius_loss_needs_adaptive(digits_checkpoint, tmp_path, capsys):
     assert run_certify("--checkpoint", digits_checkpoint, "--out", tmp_path / "x.tsv",
                        "--adaptive", "--max-radius-loss", -1) == 2
     assert "max_radius_loss" in capsys.readouterr().err
+    # a loss as large as the largest radius N can certify would abstain on every image
+    assert run_certify("--checkpoint", digits_checkpoint, "--out", tmp_path / "y.tsv",
+                       "--adaptive", "--n", 1000, "--max-radius-loss", 0.7) == 2
+    assert "every image would abstain" in capsys.readouterr().err
 
 
 def test_bf16_without_bf16_units_certifies_in_fp32_saying_why(digits_checkpoint, tmp_path, capsys,
