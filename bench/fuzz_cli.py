@@ -125,7 +125,8 @@ def cases(rng: random.Random, f: dict[str, Path], root: Path, count: int):
                   "--max": [v for v in BAD_INT if v != "99999999999999999999999"] + NEGATIVE,
                   "--start": BAD_INT + NEGATIVE, "--seed": BAD_INT,
                   "--num-workers": BAD_INT + NEGATIVE + ["0"], "--device": ["cuda:7", "tpu", "", "gpu"],
-                  "--dtype": ["fp16", "", "int8"], "--split": ["val", ""], "--preset": ["cohen5000"],
+                  "--dtype": ["fp64", "", "int8"], "--compile-mode": ["fastest", ""],
+                  "--max-radius-loss": BAD_FLOAT + NEGATIVE, "--split": ["val", ""], "--preset": ["cohen5000"],
                   "--dataset": ["mnist", "", "imagenet"]}
     train_fields = {name: field for name, field in train.TrainConfig.model_fields.items()
                     if name not in ("certify", "storage") and field.annotation is not bool}
