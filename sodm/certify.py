@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Optional
 
 import torch
-from scipy.stats import norm
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sodm import __version__, cli, tracking
@@ -31,7 +30,7 @@ from sodm.data import VALIDATION_SEED, DataError, dataset_info, load_dataset, su
 from sodm.fastpath import COMPILE_AUTO_SAMPLES, COMPILE_MODES, certify_batch, compile_pays, inference_model, native_bf16
 from sodm.metrics import ADAPTIVE_COLUMNS, COLUMNS, Results, format_table, read_results, summary
 from sodm.plots import certified_accuracy_curve
-from sodm.smoothing import Smooth, can_ever_certify, noise_generator
+from sodm.smoothing import Smooth, can_ever_certify, noise_generator, typical_radius
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The field's usual certified subset: every `cohen_skip`-th test image of the data set (20 for
@@ -338,11 +337,11 @@ def certify_checkpoint(checkpoint: Path, settings: CertifySettings, out: Path, *
     if info.num_classes != ckpt["model"]["num_classes"]:
         raise DataError(f"data set {name} has {info.num_classes} classes, the checkpoint "
                         f"{ckpt['model']['num_classes']}")
-    if settings.adaptive and settings.max_radius_loss >= sigma * norm.ppf(settings.alpha ** (1 / settings.n)):
+    cap = typical_radius([1.0], settings.n, settings.alpha, sigma)[0]  # all N samples right
+    if settings.adaptive and settings.max_radius_loss >= cap:
         raise CertifyError(f"max_radius_loss {settings.max_radius_loss} is at least the largest "
-                           f"radius N = {settings.n} can certify at sigma {sigma} "
-                           f"({sigma * norm.ppf(settings.alpha ** (1 / settings.n)):.3f}): every "
-                           "image would abstain")
+                           f"radius N = {settings.n} can certify at sigma {sigma} ({cap:.3f}): "
+                           "every image would abstain")
     images = load_dataset(name, split, data_dir, download=download)
     indices = settings.indices(name, len(images))
     if not indices and settings.max != 0:
