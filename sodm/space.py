@@ -1,0 +1,263 @@
+"""The space file of a search (`python -m sodm.tune --space S`): its schema and its validation.
+
+A space file (YAML) holds: name, base (fixed config values), space (key: distribution), search
+(algorithm, num_samples, metric, mode, scheduler), resources (per trial), final (certification
+of the best trials) and mlflow (experiment, tracking_uri). See tune_spaces/*.yaml. A bare name is
+looked up in tune_spaces/; a path is taken as given. Everything here is checked before Ray starts,
+each problem answered in one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sodm import cli
+from sodm.certify import CertifySettings
+from sodm.config import FLAT_CERT_KEYS, ConfigError, Resources, TrainConfig, make_config
+from sodm.gaps import PLUGIN_ACC_PREFIX, check_plugin_metric
+from sodm.refresher import needs_refresher
+
+# The shipped spaces: inside the installed package (setup.py copies them there), or, in a
+# checkout, the top-level tune_spaces/ they are copied from.
+_PACKAGE = Path(__file__).resolve().parent
+TUNE_SPACES = next((d for d in (_PACKAGE / "tune_spaces", _PACKAGE.parent / "tune_spaces")
+                    if d.is_dir()), _PACKAGE / "tune_spaces")
+
+
+class SpaceError(ValueError):
+    """A space file that cannot be used; the message names the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Distribution(Strict):
+    type: Literal["uniform", "loguniform", "randint", "choice", "grid"]
+    lower: Optional[float] = None
+    upper: Optional[float] = None
+    values: Optional[list[Any]] = None
+
+    def candidates(self) -> list[Any]:
+        """The values the search can propose at the edges: bounds, or every listed value."""
+        if self.type in ("choice", "grid"):
+            return list(self.values)
+        if self.type == "randint":
+            return [int(self.lower), int(self.upper) - 1]
+        return [self.lower, self.upper]
+
+    def check(self) -> str | None:
+        if self.type in ("choice", "grid"):
+            if not self.values:
+                return f"{self.type} needs a non-empty list of values"
+            if self.lower is not None or self.upper is not None:
+                return f"{self.type} takes values, not lower/upper"
+            return None
+        if self.lower is None or self.upper is None:
+            return f"{self.type} needs lower and upper"
+        if self.values is not None:
+            return f"{self.type} takes lower/upper, not values"
+        if not self.lower < self.upper:
+            return f"empty range: lower {self.lower} must be < upper {self.upper}"
+        if self.type == "loguniform" and self.lower <= 0:
+            return f"loguniform needs lower > 0, got {self.lower}"
+        if self.type == "randint" and (self.lower != int(self.lower) or self.upper != int(self.upper)):
+            return "randint needs integer bounds (upper exclusive)"
+        return None
+
+    def to_tune(self):
+        from ray import tune  # see the note on Ray at the top
+
+        if self.type == "uniform":
+            return tune.uniform(self.lower, self.upper)
+        if self.type == "loguniform":
+            return tune.loguniform(self.lower, self.upper)
+        if self.type == "randint":
+            return tune.randint(int(self.lower), int(self.upper))
+        if self.type == "choice":
+            return tune.choice(self.values)
+        return tune.grid_search(self.values)
+
+
+class Search(Strict):
+    algorithm: Literal["random", "grid", "tpe"] = "random"
+    num_samples: int = Field(4, ge=1)
+    # acr_plugin: a plug-in ACR estimate on the validation split (see sodm.loop.selection_metrics);
+    # or cert_acc_plugin_<r>: the plug-in certified accuracy at a radius r of the tables
+    metric: str = "acr_plugin"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["fifo", "asha"] = "asha"
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial may be cut")
+    reduction_factor: float = Field(2.0, gt=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    # Points evaluated first (the paper's settings, typically): a value for every searched key.
+    points_to_evaluate: list[dict[str, Any]] = []
+    max_failures: int = Field(2, ge=0, description="times a failed trial (say its driver's node "
+                              "was lost) is relaunched; it resumes from its checkpoint")
+
+
+class TrialResources(Resources):
+    """A trial's resources: a run's (every trial is a Ray Train run, so at least one worker),
+    plus its driver's share."""
+
+    num_workers: int = Field(1, ge=1)
+    trial_cpus: float = Field(0.25, gt=0, description="the trial's driver process")
+
+    def run_resources(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"trial_cpus"})
+
+
+class Final(CertifySettings):
+    """The certification of the best trials at the end of the search, and where it runs."""
+
+    top_k: Union[int, Literal["all"]] = 1
+    num_workers: int = Field(0, ge=0, description="spread certification over K Ray workers (0: the driver)")
+    use_gpu: bool = False
+
+    def settings(self) -> CertifySettings:
+        return CertifySettings(**self.model_dump(include=set(CertifySettings.model_fields)))
+
+
+class MLflowTarget(Strict):
+    experiment: str = "sodm"
+    tracking_uri: Optional[str] = None
+    registered_model: Optional[str] = Field(None, description="the best trial's model is "
+                                            "registered under this name (default sodm-<space name>)")
+    system_metrics: bool = Field(True, description="CPU/GPU/memory of each trial, sampled into its run")
+    system_metrics_interval: float = Field(10.0, gt=0, description="seconds between samples")
+
+
+class SpaceFile(Strict):
+    name: str
+    base: dict[str, Any] = {}
+    space: dict[str, Distribution]
+    search: Search = Search()
+    resources: TrialResources = TrialResources()
+    final: Final = Final()
+    mlflow: MLflowTarget = MLflowTarget()
+
+    def trial_config(self, sampled: dict[str, Any], out_dir: str) -> TrainConfig:
+        """The whole resolved config of one trial (what its MLflow run records). A trial does not
+        certify (max 0): the best trials are certified at the end, with the `final` settings,
+        whose n0, N and alpha its certify section takes (the plug-in certified accuracy a trial
+        logs is judged at the final certification's N)."""
+        base = {k: v for k, v in self.base.items() if k != "certify"}
+        final = self.final.model_dump(include={"n0", "n", "alpha"})
+        return make_config(**base, **sampled, **self.resources.run_resources(), out_dir=out_dir,
+                           progress=False, certify={**self.base.get("certify", {}), **final, "max": 0})
+
+    def needs_refresher(self) -> bool:
+        """Whether any trial can need a refresher (its share is reserved in every trial's
+        placement group): the searched methods and mappings, with everything else at base."""
+        keys = [k for k in ("method", "mapping") if k in self.space]
+        return any(needs_refresher(self.trial_config(dict(zip(keys, values)), "/tmp/sodm-check"))
+                   for values in itertools.product(*(self.space[k].candidates() for k in keys)))
+
+
+def find_space(name: str) -> Path:
+    """A path as given; a bare name (with or without .yaml) in ./tune_spaces or the package's."""
+    given = Path(name).expanduser()
+    if given.is_file() or "/" in name:
+        if not given.is_file():
+            raise SpaceError(f"{name}: no such space file")
+        return given
+    stem = name if name.endswith((".yaml", ".yml")) else name + ".yaml"
+    for folder in (Path.cwd() / "tune_spaces", TUNE_SPACES):
+        if (folder / stem).is_file():
+            return folder / stem
+    known = sorted(p.name for p in TUNE_SPACES.glob("*.yaml"))
+    raise SpaceError(f"{name}: no such space file (bare names are looked up in tune_spaces/: "
+                     f"{', '.join(known)})")
+
+
+def load_space(name: str, overrides: list[str] | None = None) -> tuple[Path, SpaceFile]:
+    """Read and validate a space file before Ray starts; raises SpaceError naming file and key.
+    overrides: "key=value" strings (YAML values) that replace or add base keys."""
+    path = find_space(name)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpaceError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{path}: expected a mapping with name, base, space, search, ...")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpaceError(f"--set {item!r}: expected key=value")
+        raw.setdefault("base", {})[key.strip()] = yaml.safe_load(value)
+    try:
+        space_file = SpaceFile(**raw)
+    except ValidationError as e:
+        raise SpaceError(f"{path}: {cli.format_validation_error(e)}") from None
+    fields = [*TrainConfig.model_fields, *FLAT_CERT_KEYS]  # the flat cert_* keys of earlier files
+    managed = set(TrialResources.model_fields) | {"out_dir", "progress", "cert_max"}
+    for section, keys in (("base", space_file.base), ("space", space_file.space)):
+        for key in keys:
+            if key not in fields:
+                raise SpaceError(f"{path}: {section}.{key}: unknown config key (allowed: "
+                                 f"{', '.join(k for k in fields if k not in managed)})")
+            if key in managed:
+                raise SpaceError(f"{path}: {section}.{key}: set by the search itself "
+                                 "(resources go under resources:)")
+    for key in space_file.space:
+        if key in space_file.base:
+            raise SpaceError(f"{path}: space.{key}: also fixed in base; keep one")
+    if space_file.base.get("data_dir"):  # trials run elsewhere: anchor it at the driver's directory
+        space_file.base["data_dir"] = str(Path(space_file.base["data_dir"]).expanduser().resolve())
+    try:
+        space_file.trial_config({}, "/tmp/sodm-validate")
+    except ConfigError as e:
+        raise SpaceError(f"{path}: base: {e}") from None
+    for key, dist in space_file.space.items():
+        if problem := dist.check():
+            raise SpaceError(f"{path}: space.{key}: {problem}")
+        for value in dist.candidates():
+            try:
+                space_file.trial_config({key: value}, "/tmp/sodm-validate")
+            except ConfigError as e:
+                raise SpaceError(f"{path}: space.{key}: value {value!r} is not allowed ({e})") from None
+    if space_file.search.algorithm == "grid" and any(d.type != "grid" for d in space_file.space.values()):
+        raise SpaceError(f"{path}: search.algorithm: grid needs every space entry of type grid")
+    if space_file.search.algorithm != "grid" and any(d.type == "grid" for d in space_file.space.values()):
+        raise SpaceError(f"{path}: space: type grid needs search.algorithm grid")
+    for k, point in enumerate(space_file.search.points_to_evaluate):
+        if set(point) != set(space_file.space):
+            raise SpaceError(f"{path}: search.points_to_evaluate[{k}]: give a value for each "
+                             f"searched key ({', '.join(sorted(space_file.space))}), no other")
+        try:
+            space_file.trial_config(point, "/tmp/sodm-validate")
+        except ConfigError as e:
+            raise SpaceError(f"{path}: search.points_to_evaluate[{k}]: {e}") from None
+    if space_file.search.points_to_evaluate and space_file.search.algorithm == "grid":
+        raise SpaceError(f"{path}: search.points_to_evaluate: not with algorithm grid")
+    s = space_file.search
+    if s.scheduler == "asha":  # ASHA must not cut a trial before the schedule's second phase
+        starts = []
+        for sampled in [{}] + [{k: v} for k in ("beta_milestone", "lr_milestones") if k in
+                               space_file.space for v in space_file.space[k].candidates()]:
+            cfg = space_file.trial_config(sampled, "/tmp/sodm-validate")
+            starts += [m for m in (cfg.beta_milestone, *cfg.lr_milestones[:1])
+                       if m is not None and m < cfg.epochs]
+        if starts and s.grace_period <= max(starts):
+            raise SpaceError(f"{path}: search.grace_period: {s.grace_period} lets ASHA stop trials "
+                             f"before the lr/beta schedule's second phase (from epoch "
+                             f"{max(starts) + 1}); make it at least {max(starts) + 1}")
+    if s.metric.startswith(PLUGIN_ACC_PREFIX):  # a radius every trial logs (sigma may be searched)
+        edges = [{k: v} for k in ("sigma", "acr_quick_n") if k in space_file.space
+                 for v in space_file.space[k].candidates()]
+        try:
+            check_plugin_metric(s.metric, [space_file.trial_config(e, "/tmp/sodm-validate")
+                                           for e in [{}, *edges]])
+        except ValueError as e:
+            raise SpaceError(f"{path}: search.metric: {e}") from None
+    if space_file.search.algorithm == "tpe":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise SpaceError(f"{path}: search.algorithm: tpe needs optuna (pip install optuna)") from None
+    return path, space_file
