@@ -10,6 +10,7 @@ The actor outlives worker-group restarts; its state is part of every checkpoint.
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -254,7 +255,14 @@ def _worker(config: dict) -> None:
                        enabled=bool(session.is_main and target.get("system_metrics"))) \
             if target else nullcontext():
         train(cfg, resume=True, session=session, refresher=refresher, certify=False,
-              log=lambda s: print(s, flush=True), on_epoch=on_epoch)
+              log=_say, on_epoch=on_epoch)
+
+
+def _say(line: str) -> None:
+    """A worker's line, once: Train's patched print both tees to stdout and logs to its console
+    handler, so under Ray every printed line showed twice; stdout itself reaches the driver once."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def run_storage(cfg: TrainConfig, run_name: str = RUN_NAME) -> str:

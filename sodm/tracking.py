@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +260,7 @@ def log_model(uri: str, run_id: str, checkpoint: str | Path) -> str:
     if Path(checkpoint).name != CHECKPOINT_FILE:  # extra_files keep their names
         checkpoint = shutil.copyfile(checkpoint, Path(tmp.name) / CHECKPOINT_FILE)
     try:
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), quiet_model_logging():
             info = mlflow.pytorch.log_model(
                 model, name=MODEL_PATH, signature=infer_signature(example, logits),
                 input_example=example, metadata=metadata, extra_files=[str(checkpoint)],
@@ -276,6 +277,27 @@ def log_model(uri: str, run_id: str, checkpoint: str | Path) -> str:
         else:
             c.set_terminated(run_id, before.status, end_time=before.end_time)
     return info.model_uri
+
+
+@contextmanager
+def quiet_model_logging():
+    """log_model without the noise nobody asked for, once per trial at the end of a search: the
+    pickle caution (serialization_format="pickle" is chosen on purpose, see log_model) and the
+    progress bars of the artifacts MLflow downloads back to check the input example."""
+    import logging
+
+    pytorch_logger = logging.getLogger("mlflow.pytorch")
+    level, bars = pytorch_logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    pytorch_logger.setLevel(logging.ERROR)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        pytorch_logger.setLevel(level)
+        if bars is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bars
 
 
 def register_model(uri: str, run_id: str, name: str) -> str:

@@ -46,6 +46,17 @@ def test_source_tags_name_the_entry_point_user_and_commit():
         assert tags["mlflow.source.git.commit"] == head
 
 
+def test_logging_a_model_is_quiet(digits_checkpoint, tmp_path, capfd):
+    """Once per trial at the end of a search: no pickle caution, no download progress bars."""
+    uri = tracking.resolve_uri(str(tmp_path / "mlflow.db"))
+    run_id = tracking.start_run(uri, tracking.ensure_experiment(uri, "quiet"), "trial-q")
+    capfd.readouterr()
+    tracking.log_model(uri, run_id, digits_checkpoint)
+    out, err = capfd.readouterr()
+    assert "Pickle" not in out + err and "Downloading artifacts" not in out + err, out + err
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ  # put back as it was
+
+
 def test_a_logged_model_is_registered_loaded_and_certified_like_its_file(
         digits_checkpoint, tmp_path, monkeypatch, capsys):
     import mlflow
