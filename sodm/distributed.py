@@ -41,7 +41,11 @@ RUN_NAME = "ray_train"  # the Ray Train run inside out_dir: out_dir/ray_train/ch
 class RaySession:
     """The loop's view of a Ray Train worker: rank, device, checkpoints, collectives."""
 
-    def __init__(self):
+    def __init__(self, start_from=None, adopted: frozenset[str] = frozenset()):
+        """start_from: a checkpoint (ray.train.Checkpoint) the run starts from while it has none
+        of its own (a population-based search's clone starts from its source's); adopted: the
+        config keys that may differ from it (the clone's mutated values)."""
+        self.start_from, self.adopted = start_from, adopted
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
@@ -49,7 +53,7 @@ class RaySession:
         self.device = ray.train.torch.get_device()
 
     def load(self) -> dict | None:
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = ray.train.get_checkpoint() or self.start_from
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as d:
@@ -68,7 +72,9 @@ class RaySession:
     def report_again(self, record: dict) -> None:
         """Report the restored checkpoint and its record once more (every rank, a barrier)."""
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        ray.train.report(metrics, checkpoint=ray.train.get_checkpoint() if self.is_main else None)
+        # a run that started from another's checkpoint and had nothing left to train: that one
+        ray.train.report(metrics, checkpoint=(ray.train.get_checkpoint() or self.start_from)
+                         if self.is_main else None)
 
     def wrap(self, model):
         if self.world_size == 1:
@@ -241,15 +247,17 @@ class RemoteRefresher:
 def _worker(config: dict) -> None:
     """What each Ray Train worker runs: the one training loop, under a RaySession."""
     cfg = TrainConfig(**config["cfg"])
-    session = RaySession()
+    session = RaySession(config.get("start_from"), frozenset(config.get("adopted", ())))
     refresher = None
     if session.is_main and config["refresher"] is not None:
         refresher = RemoteRefresher(config["refresher"], cfg.refresher_sync)
     on_epoch = None
     target = config.get("tracking")
     if session.is_main and target:
+        values = target.get("values", {})  # searched values the record lacks (rho, m, ...)
+
         def on_epoch(record):
-            log_metrics(target["uri"], target["run_id"], record, step=record["epoch"])
+            log_metrics(target["uri"], target["run_id"], {**values, **record}, step=record["epoch"])
 
     with SystemMetrics(target["uri"], target["run_id"], target.get("system_metrics_interval", 10.0),
                        enabled=bool(session.is_main and target.get("system_metrics"))) \
@@ -272,13 +280,15 @@ def run_storage(cfg: TrainConfig, run_name: str = RUN_NAME) -> str:
 
 def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print,
         certify: bool = True, run_name: str = RUN_NAME, callbacks: list | None = None,
-        tracking: dict | None = None) -> dict[str, Any]:
+        tracking: dict | None = None, start_from=None,
+        adopted: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Train cfg with cfg.num_workers Ray Train workers (and the refresher actor), then certify
     the final checkpoint in this process. Resumes from out_dir when resume.
 
     callbacks: Ray Train callbacks (Tune's TuneReportCallback inside a trial); tracking:
-    {"uri", "run_id", "system_metrics", "system_metrics_interval"} of the MLflow run that rank 0
-    logs every epoch (and, when asked, system metrics) to."""
+    {"uri", "run_id", "system_metrics", "system_metrics_interval", "values"} of the MLflow run that
+    rank 0 logs every epoch (and "values" with it; when asked, system metrics) to; start_from and
+    adopted: see RaySession (a run that starts from another run's checkpoint)."""
     out_dir = Path(cfg.out_dir).expanduser().resolve()
     storage = cfg.storage or str(out_dir)  # Ray Train's checkpoints: a local path or a URI
     if storage_exists(run_storage(cfg, run_name)) and not resume:
@@ -300,7 +310,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = 
         ).remote(cfg.model_dump())
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg.model_dump(), "refresher": refresher, "tracking": tracking},
+        train_loop_config={"cfg": cfg.model_dump(), "refresher": refresher, "tracking": tracking,
+                           "start_from": start_from, "adopted": sorted(adopted)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker=worker_bundle(cfg)),

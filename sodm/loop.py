@@ -169,7 +169,7 @@ def state_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
+def _check_resumable(saved: dict, cfg: TrainConfig, adopted: frozenset[str] = frozenset()) -> None:
     if "val_size" not in saved:  # trained before the validation split: it selected on test images
         raise ConfigError(f"{cfg.out_dir} holds a run from before the validation split (its "
                           "per-epoch metrics used test images, and its training set included "
@@ -179,7 +179,7 @@ def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
     # a setting added after the run was saved held its default then
     then = {k: saved.get(k, f.get_default(call_default_factory=True))
             for k, f in type(cfg).model_fields.items()}
-    diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and then[k] != now[k])
+    diff = sorted(k for k in now if k not in RESUMABLE_CHANGES | adopted and then[k] != now[k])
     if diff:
         raise ConfigError(f"{cfg.out_dir} holds a run with other settings ("
                           + ", ".join(f"{k}: {then[k]!r} -> {now[k]!r}" for k in diff)
@@ -392,11 +392,15 @@ def model_description(cfg: TrainConfig) -> dict:
     return describe_model(cfg.arch, info.num_classes, info.mean, info.std, info.input_shape[0])
 
 
-def restore(state: TrainState, ckpt: dict) -> None:
+def restore(state: TrainState, ckpt: dict, adopted: frozenset[str] = frozenset()) -> None:
     """Continue from a checkpoint of the same run: weights, optimizer, schedule, this rank's
-    random streams, the refresher, the counters and the history."""
+    random streams, the refresher, the counters and the history.
+
+    adopted: config keys that may differ from the checkpoint's (a population-based search's clone
+    goes on from another trial's checkpoint with its own, mutated values); the optimizer then
+    takes this config's lr (as the base of the lr schedule), momentum and weight decay."""
     cfg, session = state.cfg, state.session
-    _check_resumable(run_config(ckpt), cfg)
+    _check_resumable(run_config(ckpt), cfg, adopted)
     if len(ckpt["rank_rng"]) != session.world_size:
         raise ConfigError(f"the checkpoint was written by {len(ckpt['rank_rng'])} workers, "
                           f"not {session.world_size}; resume with the same number of workers")
@@ -411,6 +415,22 @@ def restore(state: TrainState, ckpt: dict) -> None:
         state.refresher.load_state_dict(ckpt["refresher"])
     state.step, state.train_seconds = ckpt["step"], ckpt["train_seconds"]
     state.history, state.budget_spent = list(ckpt["history"]), ckpt.get("budget_spent", False)
+    if adopted:
+        adopt_optimizer_values(state)
+
+
+def adopt_optimizer_values(state: TrainState) -> None:
+    """The optimizer's values from this config on a restored schedule: the lr is the schedule's
+    base (its milestones already passed still decay it), momentum and weight decay as they are."""
+    cfg, scheduler = state.cfg, state.scheduler
+    passed = sum(1 for m in cfg.lr_milestones if m <= scheduler.last_epoch)
+    for group in state.optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * cfg.lr_gamma ** passed
+        group["weight_decay"] = cfg.weight_decay
+        if "momentum" in group:
+            group["momentum"] = cfg.momentum
+    scheduler.base_lrs = [cfg.lr] * len(state.optimizer.param_groups)
 
 
 def save(state: TrainState, epoch_done: int, record: dict, out_dir: Path) -> None:
@@ -457,7 +477,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
     start_epoch = 0
     ckpt = session.load() if (resume or not local) else None
     if ckpt is not None:
-        restore(state, ckpt)
+        restore(state, ckpt, getattr(session, "adopted", frozenset()))
         start_epoch = ckpt["epoch"]
         if session.is_main:
             log(f"resumed {out_dir} at epoch {start_epoch} (step {state.step})")

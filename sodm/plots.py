@@ -93,6 +93,44 @@ def per_epoch(panels: dict[str, dict[str, list[tuple[float, float]]]], path: str
     return _save(fig, path, labels=list(dict.fromkeys(n for s in panels.values() for n in s)))
 
 
+def pbt_schedules(panels: dict[str, dict[str, list[tuple[float, float]]]], best: dict | None,
+                  path: str | Path, title: str | None = None) -> Path:
+    """A population-based search's schedules: one panel per key (beta first), a thin line per
+    trial of (epoch, value), and the best trial's lineage drawn thick over them (its schedule,
+    each segment named by the trial that trained it). best: {"trial", "segments", "schedule"}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4), squeeze=False)
+    for ax, (key, series) in zip(axes[0], panels.items()):
+        for name, points in series.items():
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, linewidth=1, alpha=0.6, drawstyle="steps-post", label=f"trial {name}")
+        points = [(r["epoch"], r[key]) for r in (best or {}).get("schedule", []) if key in r]
+        if points:
+            xs, ys = zip(*points)
+            route = " -> ".join(f"{t}@{e}" for t, e in best["segments"])
+            ax.plot(xs, ys, color="black", linewidth=3, alpha=0.8, drawstyle="steps-post",
+                    label=f"best {best['trial']}: {route}")
+            for trial_id, epoch in best["segments"][1:]:
+                ax.axvline(epoch, color="black", linestyle=":", linewidth=1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        if key in ("beta", "lr"):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path, labels=list(dict.fromkeys(n for s in panels.values() for n in s)))
+
+
 def _save_shares(fig, ax, path: str | Path, labels: list[str], title: str | None) -> Path:
     """Finish and save a one-panel figure of shares of images (0 to 1), one line per label."""
     ax.set_ylim(0, 1)

@@ -44,11 +44,21 @@ def collect_trials(grid, space_file: SpaceFile, search_uri: str, local_dir: Path
                        "out_dir": str(local_dir / "trials" / trial_id), "epoch": m.get("epoch"),
                        "metric": m.get(metric), "acr_quick": m.get("acr_quick"),
                        "checkpoint_path": m.get("checkpoint_path"), "error": r.error,
-                       "last_result": m})
+                       "last_result": m, "schedule": schedule_of(r, space_file)})
     keys = list(space_file.space)
     for t in trials:
         t["label"] = trial_label(t, keys)
     return trials
+
+
+def schedule_of(result, space_file: SpaceFile) -> list[dict] | None:
+    """A population-based search: the schedule the trial's last weights were trained with (the
+    metadata of its last Tune checkpoint; see sodm.pbt)."""
+    if not space_file.population_based() or result.checkpoint is None:
+        return None
+    from sodm.pbt import SCHEDULE
+
+    return result.checkpoint.get_metadata().get(SCHEDULE)
 
 
 def end_search(space_file: SpaceFile, trials: list[dict], search_uri: str, local_dir: Path,
@@ -232,6 +242,8 @@ def end_search_run(space_file: SpaceFile, trials: list[dict], top: list[dict], u
                        for t in trials}
     artifacts.append(per_epoch(panels, local_dir / "selection_per_epoch.png",
                                title=f"{space_file.name}: validation metrics per epoch"))
+    if space_file.population_based():
+        artifacts += pbt_schedules(space_file, trials, top, uri, local_dir)
     for artifact in artifacts:
         tracking.log_artifact(uri, parent, artifact)
     tracking.log_metrics(uri, parent, {"trials": len(trials)})
@@ -268,3 +280,35 @@ def write_trials_csv(trials: list[dict], keys: list[str], uri: str, path: Path) 
                         *[t["params"].get(k) for k in keys], t.get("epoch"), t.get("metric"),
                         t.get("acr_quick"), *[cert.get(r) for r in radii], t.get("acr")])
     return path
+
+
+def pbt_schedules(space_file: SpaceFile, trials: list[dict], top: list[dict], uri: str,
+                  local_dir: Path) -> list[Path]:
+    """A population-based search's schedules: beta (and every mutated key) per epoch for every
+    trial as its run logged it, the best trial's lineage (what its weights were trained with, and
+    by which trials) drawn over them; the lineage as JSON too, and tagged on the best trial's run."""
+    from sodm.pbt import LINEAGE, lineage
+    from sodm.plots import pbt_schedules as plot
+
+    c = tracking.client(uri)
+    keys = list(dict.fromkeys(["beta", *space_file.mutated_keys()]))
+    panels = {}
+    for key in keys:
+        panels[key] = {}
+        for t in trials:
+            latest = {}  # a clone trains some epochs again: the values it went on with
+            for m in sorted(c.get_metric_history(t["run_id"], key), key=lambda m: m.timestamp):
+                latest[m.step] = m.value
+            panels[key][t["trial_id"]] = sorted(latest.items())
+    best = next((t for t in top if t.get("schedule")), None)
+    path = local_dir / "lineage.json"
+    best_lineage = None
+    if best is not None:
+        best_lineage = {"trial": best["trial_id"], "segments": lineage(best["schedule"]),
+                        "schedule": best["schedule"]}
+        c.set_tag(best["run_id"], LINEAGE, " -> ".join(f"{tid}@{e}" for tid, e in
+                                                     best_lineage["segments"]))
+    path.write_text(json.dumps(best_lineage, indent=2) + "\n")
+    picture = plot(panels, best_lineage, local_dir / "pbt_schedules.png",
+                   title=f"{space_file.name}: the schedules PBT found")
+    return [picture, path]

@@ -22,6 +22,12 @@ from sodm.config import FLAT_CERT_KEYS, ConfigError, Resources, TrainConfig, mak
 from sodm.gaps import PLUGIN_ACC_PREFIX, check_plugin_metric
 from sodm.refresher import needs_refresher
 
+POPULATION_BASED = ("pbt", "pb2")
+# Keys a population-based search may not change in the middle of a trial: what the weights, the
+# data or the certification are made of, the schedule's shape, and the run's length.
+NOT_MUTABLE = {"dataset", "arch", "method", "mapping", "sigma", "seed", "epochs", "train_subset",
+               "validation_size", "batch_size", "lr_milestones", "beta_milestone", "optimizer"}
+
 # The shipped spaces: inside the installed package (setup.py copies them there), or, in a
 # checkout, the top-level tune_spaces/ they are copied from.
 _PACKAGE = Path(__file__).resolve().parent
@@ -91,9 +97,19 @@ class Search(Strict):
     # or cert_acc_plugin_<r>: the plug-in certified accuracy at a radius r of the tables
     metric: str = "acr_plugin"
     mode: Literal["max", "min"] = "max"
-    scheduler: Literal["fifo", "asha"] = "asha"
+    scheduler: Literal["fifo", "asha", "pbt", "pb2"] = "asha"
     grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial may be cut")
     reduction_factor: float = Field(2.0, gt=1)
+    # pbt / pb2 (population-based training): every perturbation_interval epochs a trial in the
+    # bottom quantile takes the weights (and optimizer, schedules, mapping) of one in the top and
+    # goes on with mutated values of the keys in `mutate` (default: every key of space).
+    perturbation_interval: int = Field(2, ge=1, description="PBT: epochs between exploits")
+    mutate: Optional[list[str]] = None
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    resample_probability: float = Field(0.25, ge=0, le=1, description="PBT: chance that a "
+                                        "mutated value is drawn afresh, not perturbed (x1.2, x0.8)")
+    synch: bool = Field(False, description="PBT: every trial waits for the others at each "
+                        "exploit (Ray's synchronous PBT: each pauses and restarts then)")
     max_concurrent_trials: int = Field(1, ge=1)
     # Points evaluated first (the paper's settings, typically): a value for every searched key.
     points_to_evaluate: list[dict[str, Any]] = []
@@ -150,6 +166,15 @@ class SpaceFile(Strict):
         final = self.final.model_dump(include={"n0", "n", "alpha"})
         return make_config(**base, **sampled, **self.resources.run_resources(), out_dir=out_dir,
                            progress=False, certify={**self.base.get("certify", {}), **final, "max": 0})
+
+    def population_based(self) -> bool:
+        return self.search.scheduler in POPULATION_BASED
+
+    def mutated_keys(self) -> list[str]:
+        """The keys a population-based search mutates (none for the other schedulers)."""
+        if not self.population_based():
+            return []
+        return list(self.space) if self.search.mutate is None else list(self.search.mutate)
 
     def needs_refresher(self) -> bool:
         """Whether any trial can need a refresher (its share is reserved in every trial's
@@ -247,6 +272,8 @@ def load_space(name: str, overrides: list[str] | None = None) -> tuple[Path, Spa
             raise SpaceError(f"{path}: search.grace_period: {s.grace_period} lets ASHA stop trials "
                              f"before the lr/beta schedule's second phase (from epoch "
                              f"{max(starts) + 1}); make it at least {max(starts) + 1}")
+    if space_file.population_based():
+        check_population_based(path, space_file)
     if s.metric.startswith(PLUGIN_ACC_PREFIX):  # a radius every trial logs (sigma may be searched)
         edges = [{k: v} for k in ("sigma", "acr_quick_n") if k in space_file.space
                  for v in space_file.space[k].candidates()]
@@ -261,3 +288,41 @@ def load_space(name: str, overrides: list[str] | None = None) -> tuple[Path, Spa
         except ImportError:
             raise SpaceError(f"{path}: search.algorithm: tpe needs optuna (pip install optuna)") from None
     return path, space_file
+
+
+def check_population_based(path: Path, space_file: SpaceFile) -> None:
+    """A pbt/pb2 search: Ray refuses it beside a search algorithm; what mutates must be numbers
+    that can change mid-trial; PB2 fits a GP over continuous bounds and needs scikit-learn."""
+    s = space_file.search
+    if s.algorithm != "random":
+        raise SpaceError(f"{path}: search.scheduler: {s.scheduler} does not work beside search "
+                         f"algorithm {s.algorithm} (Ray refuses it): use algorithm random")
+    if s.num_samples < 2:
+        raise SpaceError(f"{path}: search.num_samples: {s.scheduler} needs a population of at "
+                         f"least 2 trials, got {s.num_samples}")
+    epochs = space_file.trial_config({}, "/tmp/sodm-validate").epochs
+    if s.perturbation_interval >= epochs:
+        raise SpaceError(f"{path}: search.perturbation_interval: {s.perturbation_interval} epochs "
+                         f"leaves no exploit in a run of {epochs} epochs")
+    keys = space_file.mutated_keys()
+    if not keys:
+        raise SpaceError(f"{path}: search.mutate: empty; name at least one key of space")
+    for key in keys:
+        if key not in space_file.space:
+            raise SpaceError(f"{path}: search.mutate: {key} is not a key of space "
+                             f"({', '.join(space_file.space)})")
+        dist = space_file.space[key]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in dist.candidates())
+        if key in NOT_MUTABLE or not numeric:
+            raise SpaceError(f"{path}: search.mutate: {key} cannot change in the middle of a "
+                             "trial (mutate numbers such as beta, lr, rho, m, n; list the others "
+                             "under mutate without it)")
+        if s.scheduler == "pb2" and dist.type not in ("uniform", "loguniform", "randint"):
+            raise SpaceError(f"{path}: search.mutate: {key}: pb2 mutates ranges only (uniform, "
+                             f"loguniform, randint), not {dist.type}")
+    if s.scheduler == "pb2":
+        try:
+            import sklearn  # noqa: F401
+        except ImportError:
+            raise SpaceError(f"{path}: search.scheduler: pb2 needs scikit-learn "
+                             "(pip install 'sodm[pb2]')") from None

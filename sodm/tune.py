@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-from sodm import cli, tracking
+from sodm import cli, pbt, tracking
 from sodm.cluster import (ClusterError, StorageError, check_writable, init_ray, is_uri,
                           shared_storage_warning,
                           storage_exists, storage_join, worker_bundle,
@@ -205,6 +205,8 @@ def build_tuner(space_file: SpaceFile, storage: str, name: str, local_dir: Path,
         scheduler = tune.schedulers.ASHAScheduler(
             time_attr="epoch", grace_period=s.grace_period, reduction_factor=s.reduction_factor,
             max_t=int(space_file.trial_config({}, str(local_dir)).epochs))
+    elif space_file.population_based():
+        scheduler = pbt.scheduler(space_file)
     return tune.Tuner(
         trainable,
         param_space={k: d.to_tune() for k, d in space_file.space.items()},
@@ -216,6 +218,9 @@ def build_tuner(space_file: SpaceFile, storage: str, name: str, local_dir: Path,
         run_config=tune.RunConfig(
             name=name, storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            # PBT clones from Tune's checkpoints: keep a few per trial (the others keep none)
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=pbt.CHECKPOINTS_TO_KEEP if space_file.population_based() else None),
             callbacks=[end_trial_runs(space_file, uri, experiment_id, parent_run_id)]),
     )
 
@@ -291,10 +296,24 @@ def _trial(sampled: dict, *, space_json: str, search_uri: str, local_dir: str, u
     run_id = tracking.find_or_start_run(uri, experiment_id, tags, new_run)
     tracking.reopen(uri, run_id)  # a resumed trial: its run runs again
     target = space_file.mlflow
-    distributed.run(cfg, resume=True, certify=False, run_name=f"train-{trial_id}",
-                    callbacks=[TuneReportCallback()],
-                    tracking={"uri": uri, "run_id": run_id, "system_metrics": target.system_metrics,
-                              "system_metrics_interval": target.system_metrics_interval})
+    # the searched values each epoch's record lacks (it has the beta and lr it trained with)
+    values = {k: getattr(cfg, k) for k in space_file.space if k not in ("beta", "lr")
+              and isinstance(getattr(cfg, k), (int, float)) and not isinstance(getattr(cfg, k), bool)}
+    track = {"uri": uri, "run_id": run_id, "system_metrics": target.system_metrics,
+             "system_metrics_interval": target.system_metrics_interval, "values": values}
+    if not space_file.population_based():
+        distributed.run(cfg, resume=True, certify=False, run_name=f"train-{trial_id}",
+                        callbacks=[TuneReportCallback()], tracking=track)
+        return
+    # PBT: the Train run starts from the checkpoint Tune hands the trial (its own, or after an
+    # exploit its source's) and reports each checkpoint to Tune (see sodm.pbt)
+    begin = pbt.start(trial_id, space_file.mutated_keys())
+    if begin["source"]:
+        pbt.note_clone(uri, run_id, begin["source"], {k: sampled[k] for k in space_file.mutated_keys()})
+    with pbt.reporting_to_tune(trial_id, begin["schedule"], values) as report:
+        distributed.run(cfg, resume=True, certify=False, run_name=begin["run_name"],
+                        callbacks=[report], tracking=track, start_from=begin["checkpoint"],
+                        adopted=begin["adopted"])
 
 
 def end_trial_runs(space_file: SpaceFile, uri: str, experiment_id: str, parent_run_id: str):

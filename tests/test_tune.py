@@ -1,4 +1,6 @@
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -8,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sodm import cli, tune
+from sodm import cli, pbt, tune
 
 GOOD = {
     "name": "t",
@@ -328,3 +330,155 @@ def test_sigterm_reaches_tune_as_ctrl_c():
         assert signal.getsignal(signal.SIGTERM) == before
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+PBT = {**GOOD, "search": {"scheduler": "pbt", "num_samples": 4, "perturbation_interval": 1}}
+
+
+@pytest.mark.parametrize("search,message", [
+    ({"algorithm": "tpe"}, "search.scheduler: pbt does not work beside search algorithm tpe"),
+    ({"num_samples": 1}, "pbt needs a population of at least 2 trials"),
+    ({"perturbation_interval": 2}, "search.perturbation_interval: 2 epochs leaves no exploit"),
+    ({"mutate": ["gamma"]}, "search.mutate: gamma is not a key of space"),
+    ({"mutate": []}, "search.mutate: empty"),
+    ({"scheduler": "pb2", "mutate": ["m"]}, "search.mutate: m: pb2 mutates ranges only"),
+    ({"quantile_fraction": 0.75}, "search.quantile_fraction"),
+])
+def test_bad_pbt_settings_are_answered_in_one_line(tmp_path, capsys, search, message):
+    doc = {**PBT, "search": {**PBT["search"], **search}}
+    path = write(tmp_path, doc)
+    assert cli.run(tune.main, "sodm.tune", ["--space", str(path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and message in err, err
+
+
+def test_a_mapping_cannot_mutate_and_pbt_builds_with_clamped_mutations(tmp_path):
+    doc = {**PBT, "space": {**GOOD["space"], "mapping": {"type": "choice", "values": ["softmax", "affine"]}},
+           "search": {**PBT["search"], "mutate": ["mapping"]}}
+    with pytest.raises(tune.SpaceError, match="mapping cannot change in the middle of a trial"):
+        tune.load_space(str(write(tmp_path, doc)))
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    space_file = tune.load_space(str(write(tmp_path, PBT, "ok.yaml")))[1]
+    assert sorted(space_file.mutated_keys()) == ["beta", "m", "n", "rho"]  # every key of space
+    scheduler = pbt.scheduler(space_file)
+    assert isinstance(scheduler, PopulationBasedTraining) and scheduler._epochs == 2
+    assert scheduler._hyperparam_mutations["m"] == [2, 5]  # a choice: shifted along its list
+    # perturbed out of range (rho 0.99 x1.2): brought back in; integers stay integers
+    assert pbt.clamp({"beta": 14.4, "rho": 1.188, "m": 2.4, "n": 4}, pbt._bounds_of(space_file)) == \
+        {"beta": 10.0, "rho": 0.99, "m": 2, "n": 4}
+    pytest.importorskip("sklearn")
+    pb2 = {**PBT, "search": {**PBT["search"], "scheduler": "pb2", "mutate": ["beta", "rho"]}}
+    from ray.tune.schedulers.pb2 import PB2
+
+    assert isinstance(pbt.scheduler(tune.load_space(str(write(tmp_path, pb2, "pb2.yaml")))[1]), PB2)
+
+
+def test_a_clone_adopts_its_mutated_lr_on_the_restored_schedule():
+    """A clone's lr is the base of its schedule: milestones already passed still decay it."""
+    import torch
+
+    from sodm.config import make_config
+    from sodm.loop import adopt_optimizer_values
+
+    cfg = make_config(dataset="digits", lr=0.05, lr_milestones=[2, 4], lr_gamma=0.1, momentum=0.8)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [2, 4], 0.1)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()  # three epochs: past the first milestone
+
+    class State:
+        pass
+
+    state = State()
+    state.cfg, state.optimizer, state.scheduler = cfg, optimizer, scheduler
+    adopt_optimizer_values(state)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+    assert optimizer.param_groups[0]["momentum"] == 0.8
+    optimizer.step()
+    scheduler.step()  # the second milestone decays the adopted lr
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0005)
+
+
+@pytest.mark.slow
+def test_a_pbt_search_clones_mutates_and_resumes(tmp_path):
+    """Two digits trials, an exploit at epoch 2 of 3: the search is interrupted after the first
+    epoch and resumed; a clone starts from its source's checkpoint (its history, so its weights)
+    with a mutated beta, its lineage is in MLflow, and each epoch line is printed once."""
+    doc = {
+        "name": "pbt",
+        "base": {"dataset": "digits", "epochs": 3, "train_subset": 320, "eval_count": 50,
+                 "acr_quick_count": 3, "acr_quick_n": 32, "lr_milestones": [], "beta_milestone": None,
+                 "method": "sodm", "mapping": "softmax"},
+        "space": {"beta": {"type": "loguniform", "lower": 1.0, "upper": 12.0}},
+        # synchronous: at epoch 2 both trials wait, the weaker clones the stronger (for sure)
+        "search": {"num_samples": 2, "scheduler": "pbt", "perturbation_interval": 2, "synch": True,
+                   "quantile_fraction": 0.5, "resample_probability": 0.0, "max_concurrent_trials": 2,
+                   "points_to_evaluate": [{"beta": 1.5}, {"beta": 9.0}]},
+        "resources": {"worker_cpus": 0.5, "trial_cpus": 0.25, "refresher_cpus": 0.25},
+        "final": {"top_k": 1, "n0": 20, "n": 100, "skip": 36, "max": 3, "batch": 100},
+        "mlflow": {"experiment": "pbt", "system_metrics": False},
+    }
+    space = write(tmp_path, doc)
+    db = tmp_path / "mlflow.db"
+    env = {k: v for k, v in {**os.environ, **QUIET}.items() if k != "RAY_ADDRESS"}
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "1"  # as a user runs it: each line printed once even so
+    cmd = [sys.executable, "-m", "sodm.tune", "--space", str(space), "--storage",
+           str(tmp_path / "runs"), "--mlflow-uri", f"sqlite:///{db}"]
+    search = tmp_path / "runs" / "pbt"
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 400
+    while time.time() < deadline:  # interrupt once a trial has finished an epoch
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        if any(p.read_text().strip() for p in search.glob("trials/*/metrics.jsonl")):
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out[-3000:]
+    done = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    epoch_lines = [line for line in out.splitlines() if re.search(r"epoch +\d+  loss ", line)]
+    assert epoch_lines and len(epoch_lines) == len(set(epoch_lines)), "\n".join(epoch_lines)
+    assert "Pickle" not in out and "Downloading artifacts" not in out
+
+    import mlflow
+    from sodm.checkpoint import load_checkpoint
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("pbt").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    trials = {r.data.tags["sodm.trial_id"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials.values())
+    clones = {tid: r for tid, r in trials.items() if pbt.CLONED_FROM in r.data.tags}
+    assert clones, {tid: r.data.tags for tid, r in trials.items()}
+    tid, clone = next(iter(clones.items()))
+    source, epoch = clone.data.tags[pbt.CLONED_FROM].split("@")
+    assert source in trials and source != tid and epoch == "2"
+    history = json.loads(clone.data.tags[pbt.HISTORY])
+    assert history[-1]["cloned_from"] == f"{source}@{epoch}"
+    assert "pbt/history.json" in [a.path for a in client.list_artifacts(clone.info.run_id, "pbt")]
+    # the clone's Train run started from its source's checkpoint: the source's first epochs
+    # (its losses) are the clone's history, then the clone goes on with its own, mutated beta
+    run = search / "trials" / tid / f"train-{tid}-from-{source}-e{epoch}"
+    first = sorted(run.glob("checkpoint_*/checkpoint.pt"))[0]
+    ckpt = load_checkpoint(first)
+    source_losses = {int(m.step): m.value for m in client.get_metric_history(
+        trials[source].info.run_id, "loss")}
+    assert ckpt["history"][int(epoch) - 1]["loss"] == pytest.approx(source_losses[int(epoch)])
+    new_beta = ckpt["config"]["beta"]
+    source_beta = float(trials[source].data.params["beta"])
+    assert new_beta in (pytest.approx(source_beta * 1.2), pytest.approx(source_beta * 0.8),
+                        1.0, 12.0) and new_beta != source_beta
+    assert ckpt["history"][int(epoch)]["beta"] == pytest.approx(new_beta)  # trained with it
+    logged = {int(m.step): m.value for m in client.get_metric_history(clone.info.run_id, "beta")}
+    assert set(logged) == {1, 2, 3}
+    artifacts = [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert "pbt_schedules.png" in artifacts and "lineage.json" in artifacts
+    best = client.get_run(parent.data.tags["best_run_id"])
+    assert pbt.LINEAGE in best.data.tags
