@@ -78,17 +78,54 @@ def joined_address() -> str | None:
     return None if address == "local" else address
 
 
-def shared_storage_warning(storage: str, what: str) -> str | None:
-    """On a cluster (joined_address), checkpoints at a local path are written on each worker's
-    node: the path must be one shared filesystem mounted on every node, or Ray Train fails at the
-    first checkpoint. Returns a warning to print then, else None."""
-    address = joined_address()
-    if not address or is_uri(storage):
-        return None
-    return (f"warning: {what} keeps its checkpoints at the local path {storage} while joining the "
-            f"cluster at {address}: every worker node writes there, so it must be a shared "
-            "filesystem mounted at that path on every node; otherwise pass --storage s3://... "
-            "(or gs://...)")
+def check_shared_storage(storage: str, what: str, timeout: float = 60.0) -> None:
+    """A local storage path on a Ray of several nodes must be one filesystem that every node
+    mounts at that path: Ray Train writes each checkpoint on the node of the worker that makes it
+    and reads it back on whichever node restarts the run, and finds out otherwise only at the
+    first checkpoint, after the work. So before any trial runs: a probe file written here, and a
+    task pinned to every live node that reads it back. Raises StorageError naming the nodes that
+    do not see it (nodes added later by an autoscaler are not checked). Needs Ray initialised;
+    nothing to check for a URI or a Ray of one node."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if is_uri(storage) or len(nodes) < 2:
+        return
+    token = uuid.uuid4().hex
+    probe = Path(storage).expanduser().resolve() / f".sodm-shared-probe-{token}"
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text(token)
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def sees(path: str, expected: str) -> bool:
+        try:
+            return Path(path).read_text() == expected
+        except OSError:
+            return False
+
+    try:
+        refs = {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": sees.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                ).remote(str(probe), token) for n in nodes}
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        blind = []
+        for name, ref in refs.items():
+            try:
+                if not ray.get(ref, timeout=0):
+                    blind.append(name)
+            except Exception:  # not answered in time, or its node went: nothing known
+                pass
+    finally:
+        probe.unlink(missing_ok=True)
+    if blind:
+        raise StorageError(
+            f"{what} keeps its checkpoints at the local path {storage}, which {len(blind)} of the "
+            f"cluster's {len(nodes)} nodes do not share ({', '.join(blind)} cannot read what this "
+            "node writes there): mount one shared filesystem at that path on every node, or pass "
+            "--storage s3://... (or gs://...)")
 
 
 def check_address(address: str | None, timeout: float = 5.0) -> None:
@@ -133,31 +170,39 @@ def _take(free: dict[str, float], want: dict[str, float]) -> None:
         free[k] = free.get(k, 0.0) - v
 
 
-def place_trials(trials: list[tuple[list[dict], list[dict]]], node: dict[str, float]) -> list[dict]:
+def place_trials(trials: list[tuple[list[dict], list[dict]]], node: dict[str, float],
+                 spread: bool = False) -> list[dict]:
     """Where concurrent trials land on nodes of one shape, first fit, in the order Ray makes the
-    groups: a trial's own placement group (its driver and refresher bundles, packed on one node),
-    then its Ray Train workers (one bundle each). Returns the nodes used, each {"free": ...,
-    "holds": [label, ...]}; a bundle larger than a node raises ValueError."""
+    groups: a trial's own placement group (its driver and refresher bundles: packed on one node,
+    or with spread on two), then its Ray Train workers (one bundle each; with spread, never on
+    the refresher's node). Returns the nodes used, each {"free": ..., "holds": [label, ...]}; a
+    bundle larger than a node raises ValueError."""
     nodes: list[dict] = []
 
-    def put(bundles: list[dict], label: str) -> None:
+    def put(bundles: list[dict], label: str, avoid: set[int] = frozenset()) -> int:
         total: dict[str, float] = {}
         for b in bundles:
             for k, v in b.items():
                 total[k] = total.get(k, 0.0) + v
         if not _fits(node, total):
             raise ValueError(f"{label} ({format_bundle(total)}) is larger than a node ({format_bundle(node)})")
-        target = next((n for n in nodes if _fits(n["free"], total)), None)
-        if target is None:
-            target = {"free": dict(node), "holds": []}
-            nodes.append(target)
-        _take(target["free"], total)
-        target["holds"].append(f"{label} ({format_bundle(total)})")
+        index = next((i for i, n in enumerate(nodes) if i not in avoid and _fits(n["free"], total)), None)
+        if index is None:
+            nodes.append({"free": dict(node), "holds": []})
+            index = len(nodes) - 1
+        _take(nodes[index]["free"], total)
+        nodes[index]["holds"].append(f"{label} ({format_bundle(total)})")
+        return index
 
     for i, (group, workers) in enumerate(trials, 1):
-        put(group, f"trial {i} driver" + (" + refresher" if len(group) > 1 else ""))
+        if spread and len(group) > 1:
+            driver = put(group[:1], f"trial {i} driver")
+            avoid = {put(group[1:], f"trial {i} refresher", avoid={driver})}
+        else:
+            put(group, f"trial {i} driver" + (" + refresher" if len(group) > 1 else ""))
+            avoid = set()
         for w, bundle in enumerate(workers):
-            put([bundle], f"trial {i} worker {w}")
+            put([bundle], f"trial {i} worker {w}", avoid)
     return nodes
 
 

@@ -81,6 +81,11 @@ class Resources(BaseModel):
                                "use_gpu (under 1: the refresher may share a worker's GPU)")
     refresher_cpus: float = Field(1.0, gt=0)
     refresher_gpus: float = Field(0.25, ge=0, le=1, description="GPU share of the refresher when use_gpu")
+    refresher_placement: Literal["pack", "spread"] = Field(
+        "pack", description="pack: the refresher beside the trial's driver, the Train workers "
+        "wherever Ray fits them (the shipped GPU nodes: a worker and a trial's driver and refresher "
+        "per node); spread: the refresher on a node of its own, apart from the driver, and the Train "
+        "workers kept off it, so a lost node takes one of them, and the weights cross the network")
 
 
 class TrainConfig(Resources):

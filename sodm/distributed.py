@@ -23,17 +23,18 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
+from ray.util.placement_group import NODE_ID_LABEL_KEY, get_current_placement_group
 
 from sodm import cli
 from sodm.certify import certify_run
 from sodm.checkpoint import load_checkpoint
-from sodm.cluster import (check_writable, init_ray, joined_address, storage_exists, storage_join,
-                          worker_bundle)
+from sodm.cluster import (check_writable, init_ray, joined_address,
+                          storage_exists, storage_join, worker_bundle)
 from sodm.config import ConfigError, TrainConfig
 from sodm.data import TrainData
 from sodm.loop import model_description, train
 from sodm.refresher import MappingRefresher, Newest, needs_refresher
-from sodm.tracking import SystemMetrics, log_metrics
+from sodm.tracking import EpochLog, SystemMetrics, set_tags
 
 RUN_NAME = "ray_train"  # the Ray Train run inside out_dir: out_dir/ray_train/checkpoint_*/
 
@@ -141,6 +142,11 @@ class RefresherActor:
     def load_state_dict(self, state: dict) -> int:
         self.core.load_state_dict(state)
         return self.core.version
+
+    @ray.method(concurrency_group="query")
+    def node_id(self) -> str:
+        """The Ray node it runs on (where the weights travel to)."""
+        return ray.get_runtime_context().get_node_id()
 
 
 class RefresherLost(RuntimeError):
@@ -251,19 +257,21 @@ def _worker(config: dict) -> None:
     refresher = None
     if session.is_main and config["refresher"] is not None:
         refresher = RemoteRefresher(config["refresher"], cfg.refresher_sync)
-    on_epoch = None
+    on_epoch = on_resume = None
     target = config.get("tracking")
+    if target:
+        set_tags(target["uri"], target["run_id"],
+                 {f"sodm.node.worker_{session.rank}": ray.get_runtime_context().get_node_id()})
     if session.is_main and target:
-        values = target.get("values", {})  # searched values the record lacks (rho, m, ...)
-
-        def on_epoch(record):
-            log_metrics(target["uri"], target["run_id"], {**values, **record}, step=record["epoch"])
+        # searched values the record lacks (rho, m, ...) logged beside it
+        on_epoch = EpochLog(target["uri"], target["run_id"], target.get("values", {}))
+        on_resume = on_epoch.catch_up
 
     with SystemMetrics(target["uri"], target["run_id"], target.get("system_metrics_interval", 10.0),
                        enabled=bool(session.is_main and target.get("system_metrics"))) \
             if target else nullcontext():
         train(cfg, resume=True, session=session, refresher=refresher, certify=False,
-              log=_say, on_epoch=on_epoch)
+              log=_say, on_epoch=on_epoch, on_resume=on_resume)
 
 
 def _say(line: str) -> None:
@@ -276,6 +284,15 @@ def _say(line: str) -> None:
 def run_storage(cfg: TrainConfig, run_name: str = RUN_NAME) -> str:
     """Where a Ray Train run of cfg keeps its checkpoints (a local path or a URI)."""
     return storage_join(cfg.storage or str(Path(cfg.out_dir).expanduser().resolve()), run_name)
+
+
+def workers_apart_from(refresher_node: str | None, cfg: TrainConfig, log) -> dict[str, str] | None:
+    """With refresher_placement spread, the Train workers' label selector that keeps them off
+    the refresher's node (Ray labels every node with its id); None otherwise."""
+    if refresher_node is None or cfg.refresher_placement != "spread":
+        return None
+    log(f"mapping refresher on node {refresher_node[:8]}; the Train workers are kept off it (spread)")
+    return {NODE_ID_LABEL_KEY: f"!{refresher_node}"}
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print,
@@ -305,16 +322,26 @@ def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = 
         log("use_gpu: the cluster has no GPU node yet; the workers wait for the autoscaler to add one")
     refresher = None
     if needs_refresher(cfg):
+        # Inside a Tune trial the actor lands in the trial's placement group, which holds its
+        # bundle (packed with the driver's, or spread from it); alone, Ray places it.
+        alone = get_current_placement_group() is None
         refresher = RefresherActor.options(
             num_cpus=cfg.refresher_cpus, num_gpus=cfg.refresher_gpus if cfg.use_gpu else 0,
+            **({"scheduling_strategy": "SPREAD"} if alone and cfg.refresher_placement == "spread" else {}),
         ).remote(cfg.model_dump())
+    refresher_node = ray.get(refresher.node_id.remote()) if refresher is not None else None
+    if tracking:  # where the run's parts run, in its MLflow run (tags sodm.node.*: Ray node ids)
+        set_tags(tracking["uri"], tracking["run_id"], {
+            "sodm.node.driver": ray.get_runtime_context().get_node_id(),
+            **({"sodm.node.refresher": refresher_node} if refresher_node else {})})
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg.model_dump(), "refresher": refresher, "tracking": tracking,
                            "start_from": start_from, "adopted": sorted(adopted)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-            resources_per_worker=worker_bundle(cfg)),
+            resources_per_worker=worker_bundle(cfg),
+            label_selector=workers_apart_from(refresher_node, cfg, log)),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage, callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),

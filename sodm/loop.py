@@ -457,12 +457,15 @@ def save(state: TrainState, epoch_done: int, record: dict, out_dir: Path) -> Non
 def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print,
           on_step: Callable[[int, int], None] | None = None,
           on_epoch: Callable[[dict], None] | None = None, certify: bool = True,
-          session=None, refresher=None) -> dict[str, Any]:
+          session=None, refresher=None,
+          on_resume: Callable[[list[dict]], None] | None = None) -> dict[str, Any]:
     """Train per cfg (resuming from the session's last checkpoint when resume), then certify.
 
     session: LocalSession (default) or a distributed one; refresher: the mapping refresher (default:
     an in-process MappingRefresher for SODM with a trainable mapping; a RemoteRefresher under Ray).
-    on_step(epoch, step) is called after every optimizer step, on_epoch(record) after every epoch.
+    on_step(epoch, step) is called after every optimizer step, on_epoch(record) after every epoch,
+    on_resume(history) once on rank 0 when a checkpoint is resumed, with the epochs it holds (a
+    logger that lost the end of the last attempt catches up from it).
     Returns {"history": [...per-epoch records...], "certification": {...} or None, "out_dir"}."""
     out_dir = Path(cfg.out_dir).expanduser().resolve()
     session = session or LocalSession(out_dir, cli.pick_device(cfg.device))
@@ -478,6 +481,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
     ckpt = session.load() if (resume or not local) else None
     if ckpt is not None:
         restore(state, ckpt, getattr(session, "adopted", frozenset()))
+        if on_resume is not None and session.is_main:
+            on_resume(list(state.history))
         start_epoch = ckpt["epoch"]
         if session.is_main:
             log(f"resumed {out_dir} at epoch {start_epoch} (step {state.step})")

@@ -126,6 +126,33 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, Any], step: int | None
         client(uri).log_batch(run_id, metrics=items)
 
 
+class EpochLog:
+    """An MLflow run's per-epoch metrics, each epoch once (its step the epoch), however often
+    the run is restarted: epochs already in the run are not logged again (a restart redoes up
+    to one epoch whose checkpoint the controller had not registered), and at a resume the
+    checkpoint's epochs missing from the run (logged by no one: the node died between the
+    checkpoint and the log) are logged from the checkpoint's history."""
+
+    def __init__(self, uri: str, run_id: str, values: dict | None = None):
+        self.uri, self.run_id, self.values = uri, run_id, values or {}
+        self.logged = {m.step for m in client(uri).get_metric_history(run_id, "epoch")}
+
+    def __call__(self, record: dict) -> None:
+        if record["epoch"] not in self.logged:
+            log_metrics(self.uri, self.run_id, {**self.values, **record}, step=record["epoch"])
+            self.logged.add(record["epoch"])
+
+    def catch_up(self, history: list[dict]) -> None:
+        for record in history:
+            self(record)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    c = client(uri)
+    for k, v in tags.items():
+        c.set_tag(run_id, k, v)
+
+
 def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     client(uri).log_artifact(run_id, str(path), artifact_path)
 

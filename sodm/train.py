@@ -15,7 +15,7 @@ from pathlib import Path
 from sodm import cli
 from sodm.certify import CertifySettings
 from sodm.checkpoint import CheckpointError
-from sodm.cluster import ClusterError, StorageError, shared_storage_warning, storage_exists
+from sodm.cluster import ClusterError, StorageError, check_shared_storage, init_ray, storage_exists
 from sodm.config import FLAT_CERT_KEYS, ConfigError, TrainConfig, make_config
 from sodm.data import DataError, load_dataset
 from sodm.loop import train
@@ -70,14 +70,13 @@ def main(argv=None) -> int:
         if cfg.num_workers > 0:
             from sodm import distributed  # Ray is imported only for a Ray Train run
 
-            if note := shared_storage_warning(cfg.storage or str(out_dir.resolve()),
-                                              f"--num-workers {cfg.num_workers}"):
-                print(f"sodm.train: {note}", file=sys.stderr)
             run_path = distributed.run_storage(cfg)
             if resume and not storage_exists(run_path):
                 raise cli.UsageError(f"--resume: {Path(cfg.out_dir).expanduser().resolve()} holds "
                                      f"no run to resume ({run_path} does not exist); check the "
                                      "folder, or drop --resume to start a new run")
+            init_ray()  # a Ray of several nodes must share a local storage path: say so first
+            check_shared_storage(cfg.storage or str(out_dir.resolve()), f"--num-workers {cfg.num_workers}")
             distributed.run(cfg, resume=resume)
         else:
             ckpt = Path(cfg.out_dir).expanduser().resolve() / "checkpoint.pt"

@@ -27,10 +27,9 @@ from functools import partial
 from pathlib import Path
 
 from sodm import cli, pbt, tracking
-from sodm.cluster import (ClusterError, StorageError, check_writable, init_ray, is_uri,
-                          shared_storage_warning,
-                          storage_exists, storage_join, worker_bundle,
-                          format_bundle, parse_node, place_trials)
+from sodm.cluster import (ClusterError, StorageError, check_shared_storage, check_writable,
+                          format_bundle, init_ray, is_uri, parse_node, place_trials,
+                          storage_exists, storage_join, worker_bundle)
 from sodm.data import load_dataset
 from sodm.search_end import collect_trials, end_search
 from sodm.space import SpaceError, SpaceFile, load_space
@@ -87,8 +86,6 @@ def main(argv=None) -> int:
     search_uri = storage_join(storage, name)
     local_dir = (Path(args.workdir).expanduser().resolve() / name if args.workdir
                  else Path(search_uri) if not is_uri(storage) else Path.cwd() / "sodm_work" / name)
-    if note := shared_storage_warning(storage, "the search"):
-        print(f"sodm.tune: {note}", file=sys.stderr)
     try:
         check_writable(storage)
         exists = storage_exists(search_uri)
@@ -101,13 +98,15 @@ def main(argv=None) -> int:
     try:
         return run_search(space_file, path, storage, name, local_dir, args.mlflow_uri,
                           args.resume and exists)
-    except ClusterError as e:
+    except (ClusterError, StorageError) as e:
         raise cli.UsageError(str(e)) from None
 
 
 def run_search(space_file: SpaceFile, path: Path, storage: str, name: str, local_dir: Path,
                mlflow_uri: str | None, resume: bool, log=print) -> int:
     search_uri = storage_join(storage, name)
+    init_ray()
+    check_shared_storage(storage, "the search")  # before any trial runs, not at its first checkpoint
     uri = tracking.resolve_uri(mlflow_uri or space_file.mlflow.tracking_uri)
     experiment_id = tracking.ensure_experiment(uri, space_file.mlflow.experiment)
     local_dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +195,9 @@ def build_tuner(space_file: SpaceFile, storage: str, name: str, local_dir: Path,
     trainable = partial(_trial, space_json=space_file.model_dump_json(), search_uri=search_uri,
                         local_dir=str(local_dir), uri=uri, experiment_id=experiment_id,
                         parent_run_id=parent_run_id)
-    trainable = tune.with_resources(trainable, tune.PlacementGroupFactory(trial_bundles(space_file)[0]))
+    spread = space_file.resources.refresher_placement == "spread"
+    trainable = tune.with_resources(trainable, tune.PlacementGroupFactory(
+        trial_bundles(space_file)[0], strategy="SPREAD" if spread else "PACK"))
     if resume:  # the callbacks come back with the rest of the run config
         return tune.Tuner.restore(search_uri, trainable=trainable, resume_errored=True)
     s = space_file.search
@@ -257,7 +258,8 @@ def fit_report(path: Path, space_file: SpaceFile, node: dict[str, float], max_no
     in the order Ray makes the groups); raises UsageError when they need over max_nodes."""
     count = space_file.search.max_concurrent_trials
     try:
-        nodes = place_trials([trial_bundles(space_file)] * count, node)
+        nodes = place_trials([trial_bundles(space_file)] * count, node,
+                             spread=space_file.resources.refresher_placement == "spread")
     except ValueError as e:
         raise cli.UsageError(f"{path.name}: {e}") from None
     lines = [f"{path.name}: {count} concurrent trials on nodes of {format_bundle(node)}: "

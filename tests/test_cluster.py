@@ -227,6 +227,27 @@ def test_placement_of_whole_gpu_workers_overflows():
         place_trials([([{"CPU": 1}], [{"CPU": 4, "GPU": 2}])], {"CPU": 8, "GPU": 1})
 
 
+def test_spread_placement_keeps_the_workers_off_the_refreshers_node():
+    """refresher_placement spread: the driver and the refresher on two nodes, the trial's Train
+    workers never on the refresher's; on the shipped GPU nodes that takes a ninth node, so pack
+    (a worker, a driver and a refresher per node: eight) is the default."""
+    from sodm.cluster import place_trials
+    from sodm.config import TrainConfig
+    from sodm.space import load_space
+
+    shipped = ([{"CPU": 1}, {"CPU": 1, "GPU": 0.25}], [{"CPU": 6, "GPU": 0.75}] * 2)
+    assert len(place_trials([shipped] * 4, {"CPU": 8, "GPU": 1})) == 8
+    nodes = place_trials([shipped] * 4, {"CPU": 8, "GPU": 1}, spread=True)
+    assert len(nodes) == 9
+    for i in range(1, 5):
+        [driver] = [k for k, n in enumerate(nodes) if any(h.startswith(f"trial {i} driver") for h in n["holds"])]
+        [refresher] = [k for k, n in enumerate(nodes) if any(h.startswith(f"trial {i} refresher") for h in n["holds"])]
+        workers = {k for k, n in enumerate(nodes) if any(h.startswith(f"trial {i} worker") for h in n["holds"])}
+        assert driver != refresher and refresher not in workers
+    assert TrainConfig().refresher_placement == "pack"
+    assert load_space("cifar10.yaml")[1].resources.refresher_placement == "pack"
+
+
 def test_workdir_check(tmp_path, capsys):
     from sodm import cli
     from sodm.cluster import main
@@ -257,23 +278,17 @@ def test_the_readme_gives_the_steps_the_tests_take():
     assert "RAY_AUTH_TOKEN_PATH" not in text  # alone, it sends nothing
 
 
-def test_local_storage_on_a_cluster_is_warned_about(monkeypatch, tmp_path, capsys):
+def test_an_unreachable_cluster_is_one_line(monkeypatch, tmp_path, capsys):
+    """sodm.train --num-workers against a cluster that does not answer: one line, exit 2, before
+    any waiting (whether its storage is shared is checked once it answers: tests/test_multinode.py)."""
     from sodm import cli
-    from sodm.cluster import shared_storage_warning
     from sodm.train import main
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert shared_storage_warning("/data/runs", "the search") is None  # a local Ray: fine
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")
-    assert shared_storage_warning("s3://bucket/runs", "the search") is None  # shared by nature
-    note = shared_storage_warning("/data/runs", "the search")
-    assert "/data/runs" in note and "shared filesystem" in note and "s3://" in note
-    # sodm.train says it before it tries the (here unreachable) cluster
     code = cli.run(main, "sodm.train", ["--dataset", "digits", "--num-workers", "2",
                                         "--out-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
-    assert code == 2 and "sodm.train: warning: --num-workers 2 keeps its checkpoints" in err
-    assert "unreachable" in err
+    assert code == 2 and "unreachable" in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.fixture

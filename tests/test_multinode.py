@@ -1,0 +1,181 @@
+"""sodm on a Ray cluster of several nodes (sodm.local_cluster: a head and worker nodes on this
+machine, each its own raylet, object store, workers and temp dir; token auth on; an MLflow
+tracking server as the store), the search submitted with `ray job submit`, and nodes lost
+mid-search: their whole process group SIGKILLed, as a spot machine goes."""
+
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sodm.local_cluster import LocalCluster, MLflowServer
+from test_cluster import ray_job, wait_for_job
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 8
+ROLES = {"driver": "ray::ImplicitFunc", "worker": "ray::RayTrainWorker", "refresher": "ray::RefresherActor"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head (no CPUs: it runs the job's driver only) and four worker nodes of 2 CPUs, and an
+    MLflow server; shut down at the end, and only these processes."""
+    root = Path(tempfile.mkdtemp(prefix="mn", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        with LocalCluster(root, extra_env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}) as c, \
+                MLflowServer(root / "mlflow") as server:
+            for _ in range(4):
+                c.add_node(cpus=2)
+            c.mlflow = server
+            yield c
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def submit(c: LocalCluster, entry: list[str], cwd: Path) -> str:
+    done = ray_job(["submit", "--address", c.dashboard, "--no-wait", "--", *entry], c.env, cwd)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return re.search(r"raysubmit_\w+", done.stdout + done.stderr).group(0)
+
+
+def space_file(path: Path, name: str, **resources) -> Path:
+    path.write_text(yaml.safe_dump({
+        "name": name,
+        "base": {"dataset": "digits", "epochs": EPOCHS, "n": 4, "train_subset": 256,
+                 "eval_count": 40, "acr_quick_count": 2, "acr_quick_n": 32, "lr_milestones": [],
+                 "beta_milestone": None, "max_failures": 4},
+        "space": {"beta": {"type": "choice", "values": [2.0, 6.0]}},
+        "search": {"num_samples": 2, "scheduler": "fifo", "max_concurrent_trials": 2,
+                   "max_failures": 3},
+        "resources": {"num_workers": 1, "worker_cpus": 1, "trial_cpus": 0.5,
+                      "refresher_cpus": 0.5, **resources},
+        "final": {"top_k": "all", "n0": 10, "n": 100, "skip": 90, "max": 4, "batch": 100},
+        "mlflow": {"experiment": name}}))
+    return path
+
+
+def trial_runs(uri: str, experiment: str) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return [r for r in client.search_runs([found.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+
+
+def epochs_logged(uri: str, run_id: str) -> list[int]:
+    import mlflow
+
+    return [int(m.step) for m in mlflow.MlflowClient(uri).get_metric_history(run_id, "epoch")]
+
+
+def wait_until(condition, what: str, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_a_search_on_four_nodes_loses_three_and_finishes(cluster, tmp_path):
+    """The smoke search's shape on four worker nodes, the refresher spread apart from its Train
+    workers: a Train worker's node, a trial driver's node and a refresher's node are lost in turn
+    (each replaced by a fresh node, as an autoscaler would). Ray Train restarts the worker group
+    from the last checkpoint, Tune relaunches the trial whose driver died and it resumes from its
+    checkpoint, the refresher comes back with its checkpointed state; the search finishes and
+    MLflow holds each trial once, FINISHED and certified, each epoch once."""
+    c, uri = cluster, cluster.mlflow.uri
+    space = space_file(tmp_path / "nodes.yaml", "nodes", refresher_placement="spread")
+    job = submit(c, ["python", "-m", "sodm.tune", "--space", str(space), "--resume",
+                     "--storage", str(tmp_path / "results"), "--mlflow-uri", uri], tmp_path)
+
+    def progress() -> int:
+        return sum(len(epochs_logged(uri, r.info.run_id)) for r in trial_runs(uri, "nodes"))
+
+    def running() -> dict[str, set[str]]:  # role -> names of the live nodes running it
+        return {role: set(c.titled(title)) for role, title in ROLES.items()}
+
+    kills = []
+
+    def lose(pick, what: str) -> None:
+        """Once the trials have made progress since the last loss, kill the node `pick` chooses
+        from what runs where, and add a fresh one."""
+        seen = progress()
+        wait_until(lambda: progress() > seen, f"progress before losing {what}")
+        wait_until(lambda: pick(running()) is not None, f"a node running {what}", timeout=120)
+        now = running()
+        name = pick(now)
+        node = next(n for n in c.nodes if n.name == name)
+        kills.append((what, name, sorted(role for role, names in now.items() if name in names)))
+        print(f"losing {name} ({what}); it ran: {kills[-1][2]}; placement: {now}", file=sys.stderr)
+        c.kill(node)
+        try:  # replaced, as an autoscaler would; a loaded machine may not bring it up in time
+            c.add_node(cpus=2)
+        except RuntimeError as e:
+            print(f"no replacement for {name}: {str(e)[-300:]}", file=sys.stderr)
+
+    def worker_only(now):  # a Train worker's node that runs no trial driver, when there is one
+        alone = now["worker"] - now["driver"]
+        return min(alone or now["worker"], default=None)
+
+    lose(worker_only, "a Train worker")
+    lose(lambda now: min(now["driver"], default=None), "a trial's driver")
+    lose(lambda now: min(now["refresher"] - now["driver"] or now["refresher"], default=None), "a refresher")
+
+    from ray.job_submission import JobStatus
+
+    status, logs = wait_for_job(c.dashboard, c.token, job, timeout=900)
+    assert status == JobStatus.SUCCEEDED, f"{status}\n{logs[-6000:]}"
+    hit = {role for _, _, roles in kills for role in roles}
+    assert hit == {"driver", "worker", "refresher"}, kills
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("nodes").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == 3 and len(children) == 2, [r.data.tags for r in runs]  # each trial once
+    for child in children:
+        assert child.info.status == "FINISHED" and "acr" in child.data.metrics  # certified
+        assert epochs_logged(uri, child.info.run_id) == list(range(1, EPOCHS + 1))  # each once
+        tags = child.data.tags
+        assert tags["sodm.node.refresher"] != tags["sodm.node.worker_0"]  # spread: apart
+    # lost work resumed from checkpoints, never from the first epoch
+    resumed = [int(e) for e in re.findall(r"resumed \S+ at epoch (\d+)", logs)]
+    assert resumed and all(e >= 1 for e in resumed), logs[-6000:]
+    # a refresher lost mid-run came back with the state of the last checkpoint
+    if any("refresher" in roles and "driver" not in roles for _, _, roles in kills):
+        assert "restored from the checkpointed" in logs, logs[-6000:]
+
+
+def test_storage_the_nodes_do_not_share_is_one_line_before_any_trial(cluster, tmp_path):
+    """A node whose disk at the storage path is its own (a private mount, as on a separate
+    machine): the search stops at once with one line naming it, before any trial runs (Ray
+    itself would fail at the first checkpoint, after the work)."""
+    c = cluster
+    results = tmp_path / "results"
+    results.mkdir()
+    try:
+        node = c.add_node(cpus=1, private=[results])
+    except PermissionError as e:
+        pytest.skip(f"no private mounts here: {e}")
+    try:
+        space = space_file(tmp_path / "apart.yaml", "apart")
+        job = submit(c, ["python", "-m", "sodm.tune", "--space", str(space),
+                         "--storage", str(results), "--mlflow-uri", c.mlflow.uri], tmp_path)
+        from ray.job_submission import JobStatus
+
+        status, logs = wait_for_job(c.dashboard, c.token, job, timeout=300)
+        assert status == JobStatus.FAILED, logs[-4000:]
+        errors = [line for line in logs.splitlines() if line.startswith("sodm.tune: error:")]
+        assert len(errors) == 1 and "do not share" in errors[0] and node.node_id[:8] in errors[0], logs[-4000:]
+        assert "Traceback" not in logs and not list(results.glob("apart/trials/*")), logs[-4000:]
+        assert not trial_runs(c.mlflow.uri, "apart")  # no trial started
+    finally:
+        c.kill(node)
