@@ -46,7 +46,7 @@ class RaySession:
         """start_from: a checkpoint (ray.train.Checkpoint) the run starts from while it has none
         of its own (a population-based search's clone starts from its source's); adopted: the
         config keys that may differ from it (the clone's mutated values)."""
-        self.start_from, self.adopted = start_from, adopted
+        self.start_from, self.adopted, self.cloned = start_from, adopted, False
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
@@ -54,7 +54,9 @@ class RaySession:
         self.device = ray.train.torch.get_device()
 
     def load(self) -> dict | None:
-        checkpoint = ray.train.get_checkpoint() or self.start_from
+        own = ray.train.get_checkpoint()
+        self.cloned = own is None and self.start_from is not None  # trains on from another's
+        checkpoint = own or self.start_from
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as d:
@@ -265,7 +267,11 @@ def _worker(config: dict) -> None:
     if session.is_main and target:
         # searched values the record lacks (rho, m, ...) logged beside it
         on_epoch = EpochLog(target["uri"], target["run_id"], target.get("values", {}))
-        on_resume = on_epoch.catch_up
+
+        def on_resume(history: list[dict]) -> None:
+            if session.cloned:  # the epochs after the source's are trained anew, with new values
+                on_epoch.forget_after(len(history))
+            on_epoch.catch_up(history)
 
     with SystemMetrics(target["uri"], target["run_id"], target.get("system_metrics_interval", 10.0),
                        enabled=bool(session.is_main and target.get("system_metrics"))) \

@@ -128,7 +128,7 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, Any], step: int | None
 
 class EpochLog:
     """An MLflow run's per-epoch metrics, each epoch once (its step the epoch), however often
-    the run is restarted: epochs already in the run are not logged again (a restart redoes up
+    the run is restarted (a population-based clone's retrained epochs excepted: forget_after): epochs already in the run are not logged again (a restart redoes up
     to one epoch whose checkpoint the controller had not registered), and at a resume the
     checkpoint's epochs missing from the run (logged by no one: the node died between the
     checkpoint and the log) are logged from the checkpoint's history."""
@@ -141,6 +141,11 @@ class EpochLog:
         if record["epoch"] not in self.logged:
             log_metrics(self.uri, self.run_id, {**self.values, **record}, step=record["epoch"])
             self.logged.add(record["epoch"])
+
+    def forget_after(self, epoch: int) -> None:
+        """The epochs after `epoch` are trained again (a population-based clone goes on from its
+        source's checkpoint with new values): log them again when they come."""
+        self.logged = {e for e in self.logged if e <= epoch}
 
     def catch_up(self, history: list[dict]) -> None:
         for record in history:

@@ -266,3 +266,30 @@ def test_report_draws_each_certified_runs_p_a_distribution(tmp_path, capsys):
     png = (out / "p_a.png").read_bytes()
     assert png.startswith(b"\x89PNG") and b"a\nb" in png and b"\nc" not in png
     assert "![p_A](p_a.png)" in (out / "report.md").read_text()
+
+
+def test_epoch_log_keeps_each_epoch_once_across_restarts(tmp_path):
+    """A restarted run's rank 0 neither logs an epoch twice (the epoch a restart redoes) nor
+    leaves out one whose checkpoint was made but whose log was lost; a population-based clone
+    logs the epochs it trains anew after its source's checkpoint."""
+    from sodm import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = tracking.start_run(uri, tracking.ensure_experiment(uri, "e"), "r")
+    steps = lambda: sorted(int(m.step) for m in tracking.client(uri).get_metric_history(run, "epoch"))
+    first = tracking.EpochLog(uri, run, {"rho": 0.9})
+    first({"epoch": 1, "loss": 1.0})
+    first({"epoch": 2, "loss": 0.9})
+    again = tracking.EpochLog(uri, run)  # the restart: it reads what the run holds
+    again.catch_up([{"epoch": 1, "loss": 1.0}, {"epoch": 2, "loss": 0.9}, {"epoch": 3, "loss": 0.8}])
+    again({"epoch": 3, "loss": 0.8})  # redone
+    again({"epoch": 4, "loss": 0.7})
+    assert steps() == [1, 2, 3, 4]
+    history = tracking.client(uri).get_metric_history(run, "rho")
+    assert [m.step for m in history] == [1, 2]  # the searched values beside the record
+    clone = tracking.EpochLog(uri, run)
+    clone.forget_after(2)
+    clone({"epoch": 3, "loss": 0.5})
+    assert steps() == [1, 2, 3, 3, 4]
+    latest = {m.step: m.value for m in tracking.client(uri).get_metric_history(run, "loss")}
+    assert latest[3] == 0.5
