@@ -262,8 +262,13 @@ def _worker(config: dict) -> None:
     on_epoch = on_resume = None
     target = config.get("tracking")
     if target:
-        set_tags(target["uri"], target["run_id"],
-                 {f"sodm.node.worker_{session.rank}": ray.get_runtime_context().get_node_id()})
+        nodes = {f"sodm.node.worker_{session.rank}": ray.get_runtime_context().get_node_id()}
+        if refresher is not None:
+            try:  # where it is now (informative only: a restarting actor is found at its next call)
+                nodes["sodm.node.refresher"] = ray.get(config["refresher"].node_id.remote(), timeout=60)
+            except Exception:
+                pass
+        set_tags(target["uri"], target["run_id"], nodes)
     if session.is_main and target:
         # searched values the record lacks (rho, m, ...) logged beside it
         on_epoch = EpochLog(target["uri"], target["run_id"], target.get("values", {}))
@@ -335,11 +340,12 @@ def run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = 
             num_cpus=cfg.refresher_cpus, num_gpus=cfg.refresher_gpus if cfg.use_gpu else 0,
             **({"scheduling_strategy": "SPREAD"} if alone and cfg.refresher_placement == "spread" else {}),
         ).remote(cfg.model_dump())
-    refresher_node = ray.get(refresher.node_id.remote()) if refresher is not None else None
+    # spread: the workers' label selector needs the refresher's node (it waits for the actor)
+    refresher_node = (ray.get(refresher.node_id.remote())
+                      if refresher is not None and cfg.refresher_placement == "spread" else None)
     if tracking:  # where the run's parts run, in its MLflow run (tags sodm.node.*: Ray node ids)
-        set_tags(tracking["uri"], tracking["run_id"], {
-            "sodm.node.driver": ray.get_runtime_context().get_node_id(),
-            **({"sodm.node.refresher": refresher_node} if refresher_node else {})})
+        set_tags(tracking["uri"], tracking["run_id"],
+                 {"sodm.node.driver": ray.get_runtime_context().get_node_id()})
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg.model_dump(), "refresher": refresher, "tracking": tracking,
