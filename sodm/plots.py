@@ -66,38 +66,10 @@ def p_a_distribution_curve(results: dict[str, Results], sigmas: dict[str, float]
     return _save_shares(fig, ax, path, list(results), title)
 
 
-def per_epoch(panels: dict[str, dict[str, list[tuple[float, float]]]], path: str | Path,
-              title: str | None = None) -> Path:
-    """Write a PNG with one panel per metric (its key), one line per named run of (epoch, value)
-    points; returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4), squeeze=False)
-    for ax, (metric, series) in zip(axes[0], panels.items()):
-        for name, points in series.items():
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", markersize=3, label=name)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path, labels=list(dict.fromkeys(n for s in panels.values() for n in s)))
-
-
-def pbt_schedules(panels: dict[str, dict[str, list[tuple[float, float]]]], best: dict | None,
-                  path: str | Path, title: str | None = None) -> Path:
-    """A population-based search's schedules: one panel per key (beta first), a thin line per
-    trial of (epoch, value), and the best trial's lineage drawn thick over them (its schedule,
-    each segment named by the trial that trained it). best: {"trial", "segments", "schedule"}."""
+def _epoch_panels(panels: dict[str, dict[str, list[tuple[float, float]]]], path: str | Path,
+                  title: str | None, draw) -> Path:
+    """One panel per key of `panels` against the epoch; draw(ax, key, series) draws its lines.
+    Saves the PNG, labelled with every run named, and returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,6 +78,37 @@ def pbt_schedules(panels: dict[str, dict[str, list[tuple[float, float]]]], best:
 
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4), squeeze=False)
     for ax, (key, series) in zip(axes[0], panels.items()):
+        draw(ax, key, series)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path, labels=list(dict.fromkeys(n for s in panels.values() for n in s)))
+
+
+def per_epoch(panels: dict[str, dict[str, list[tuple[float, float]]]], path: str | Path,
+              title: str | None = None) -> Path:
+    """Write a PNG with one panel per metric (its key), one line per named run of (epoch, value)
+    points; returns the path."""
+    def draw(ax, metric, series):
+        for name, points in series.items():
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", markersize=3, label=name)
+
+    return _epoch_panels(panels, path, title, draw)
+
+
+def pbt_schedules(panels: dict[str, dict[str, list[tuple[float, float]]]], best: dict | None,
+                  path: str | Path, title: str | None = None) -> Path:
+    """A population-based search's schedules: one panel per key (beta first), a thin line per
+    trial of (epoch, value), and the best trial's lineage drawn thick over them (its schedule,
+    each segment named by the trial that trained it). best: {"trial", "segments", "schedule"}."""
+    def draw(ax, key, series):
         for name, points in series.items():
             if points:
                 xs, ys = zip(*points)
@@ -118,17 +121,10 @@ def pbt_schedules(panels: dict[str, dict[str, list[tuple[float, float]]]], best:
                     label=f"best {best['trial']}: {route}")
             for trial_id, epoch in best["segments"][1:]:
                 ax.axvline(epoch, color="black", linestyle=":", linewidth=1)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(key)
         if key in ("beta", "lr"):
             ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path, labels=list(dict.fromkeys(n for s in panels.values() for n in s)))
+
+    return _epoch_panels(panels, path, title, draw)
 
 
 def _save_shares(fig, ax, path: str | Path, labels: list[str], title: str | None) -> Path:
