@@ -11,9 +11,10 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from scipy.stats import beta as beta_dist
-from scipy.stats import binomtest, norm
-from statsmodels.stats.proportion import proportion_confint
+
+# scipy.stats and statsmodels are imported in the functions that use them: every Ray process that
+# reads a run's config imports this module (through sodm.config), and those two imports cost
+# about 2 s of CPU each time on a 2-core machine, several times per trial.
 
 # Adaptive CERTIFY: the confidence of the pilot's interval for p_A over which a sample size is
 # chosen (it decides only how many samples to draw, never the certificate), and the ratio between
@@ -28,11 +29,15 @@ PILOT_GROWTH = 8
 
 def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
     """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion."""
+    from statsmodels.stats.proportion import proportion_confint
+
     return float(proportion_confint(n_a, n, alpha=2 * alpha, method="beta")[0])
 
 
 def radius_from_p_a(p_a_lower: float, sigma: float) -> float:
     """Certified L2 radius sigma * Phi^{-1}(p_A lower) (Cohen et al., Theorem 1 with p_B = 1 - p_A)."""
+    from scipy.stats import norm
+
     return float(sigma * norm.ppf(p_a_lower))
 
 
@@ -42,6 +47,8 @@ def plugin_radius(n_a: int, n: int, sigma: float) -> float:
     0 when it is at most 1/2. Its largest value, sigma * Phi^{-1}(1 - 1/(2n)), is far above a
     certificate's at the same n (0.72 against 0.48 at n = 256, sigma = 0.25, alpha = 0.001), so it
     tells apart models whose certificates at that n all hit the cap."""
+    from scipy.stats import norm
+
     p = min(n_a / n, 1 - 0.5 / n)
     return float(sigma * norm.ppf(p)) if p > 0.5 else 0.0
 
@@ -50,6 +57,8 @@ def typical_radius(p_a, n: int, alpha: float, sigma: float) -> np.ndarray:
     """CERTIFY's radius at n samples when the count of the top class is its typical value
     floor(p_a * n), for each p_a of an array: sigma * Phi^-1 of the Clopper-Pearson lower bound
     (the bound of `lower_confidence_bound`), 0 where that bound is below 1/2 (an abstention)."""
+    from scipy.stats import beta as beta_dist, norm
+
     count = np.floor(np.asarray(p_a, dtype=np.float64) * n)
     lower = np.where(count > 0, beta_dist.ppf(alpha, np.maximum(count, 1), n - count + 1), 0.0)
     return np.where(lower >= 0.5, sigma * norm.ppf(np.maximum(lower, 0.5)), 0.0)
@@ -66,6 +75,8 @@ def adaptive_n(count_a: int, n0: int, n_max: int, alpha: float, sigma: float,
 
     It sees only the pilot, never the samples it sizes: the estimate's bound then holds at alpha
     whatever n this returns (the n is fixed before those samples are drawn)."""
+    from statsmodels.stats.proportion import proportion_confint
+
     if max_radius_loss <= 0:
         return n_max
     low, high = proportion_confint(count_a, n0, alpha=1 - PILOT_CONFIDENCE, method="beta")
@@ -176,6 +187,8 @@ class Smooth:
         counts = self.sample_counts(x, n, batch_size, generator)
         top2 = counts.argsort()[::-1][:2]
         count1, count2 = int(counts[top2[0]]), int(counts[top2[1]])
+        from scipy.stats import binomtest
+
         if binomtest(count1, count1 + count2, p=0.5).pvalue > alpha:
             return Smooth.ABSTAIN
         return int(top2[0])

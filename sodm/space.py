@@ -200,9 +200,14 @@ def find_space(name: str) -> Path:
                      f"{', '.join(known)})")
 
 
+SECTIONS = ("base", "space", "search", "resources", "final", "mlflow")  # what --set may reach
+
+
 def load_space(name: str, overrides: list[str] | None = None) -> tuple[Path, SpaceFile]:
     """Read and validate a space file before Ray starts; raises SpaceError naming file and key.
-    overrides: "key=value" strings (YAML values) that replace or add base keys."""
+    overrides: "key=value" strings (YAML values) that replace or add base keys, or
+    "section.key=value" for a key of another section (search.num_samples=2,
+    resources.refresher_placement=spread, final.max=100, mlflow.experiment=try)."""
     path = find_space(name)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -214,7 +219,16 @@ def load_space(name: str, overrides: list[str] | None = None) -> tuple[Path, Spa
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SpaceError(f"--set {item!r}: expected key=value")
-        raw.setdefault("base", {})[key.strip()] = yaml.safe_load(value)
+        section, dot, name = key.strip().rpartition(".")
+        section = section if dot else "base"
+        if section not in SECTIONS or not name:
+            raise SpaceError(f"--set {item!r}: {section!r} is not a section of a space file "
+                             f"(one of {', '.join(SECTIONS)}; a bare key is a base key)")
+        if raw.get(section) is None:
+            raw[section] = {}
+        if not isinstance(raw[section], dict):
+            raise SpaceError(f"{path}: {section}: expected a mapping")
+        raw[section][name] = yaml.safe_load(value)
     try:
         space_file = SpaceFile(**raw)
     except ValidationError as e:

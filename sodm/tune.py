@@ -66,7 +66,8 @@ def main(argv=None) -> int:
                         "CPU=8,GPU=1, a cluster's GPU node) and exit; needs no data or Ray")
     p.add_argument("--max-nodes", type=int, default=8, help="with --fit: the cluster's node limit")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a base key, e.g. --set data_dir=/mnt/shared/cifar10 (repeatable)")
+                   help="override a base key, e.g. --set data_dir=/mnt/shared/cifar10, or a key of another "
+                        "section, e.g. --set search.num_samples=2 (repeatable; values are YAML)")
     args = p.parse_args(argv)
     node = parse_node(args.fit) if args.fit is not None else None
     if node is not None:  # a plan needs no data: any existing folder stands in for data_dir

@@ -1,13 +1,9 @@
 """cluster/: launcher configs and KubeRay manifests validated with Ray's own checks, the working
-directory check, and a real `ray job submit` of a tiny search to a local head."""
+directory check (the real `ray job submit` of a search, to a cluster of several nodes: test_multinode.py)."""
 
 import copy
 import os
 import re
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -265,9 +261,9 @@ def test_workdir_check(tmp_path, capsys):
 
 
 def test_the_readme_gives_the_steps_the_tests_take():
-    """cluster/README.md's auth and job steps are the ones ray_head and the job tests perform."""
+    """cluster/README.md's auth and job steps are the ones sodm.local_cluster and tests/test_multinode.py perform."""
     text = (CLUSTER / "README.md").read_text()
-    for step in ("ray get-auth-token --generate",                 # the token, once (ray_head)
+    for step in ("ray get-auth-token --generate",                 # the token, once (LocalCluster)
                  "--from-file=auth_token=$HOME/.ray/auth_token",  # the Secret's key: auth_token
                  "export RAY_AUTH_MODE=token",                    # the client sends the token
                  "ray job submit --address http://127.0.0.1:8265 --no-wait -- \\\n"
@@ -289,204 +285,3 @@ def test_an_unreachable_cluster_is_one_line(monkeypatch, tmp_path, capsys):
                                         "--out-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and "unreachable" in err and len(err.strip().splitlines()) == 1, err
-
-
-@pytest.fixture
-def ray_head(tmp_path, free_port):
-    """A local Ray head set up as cluster/README.md says: the token made once with
-    `ray get-auth-token --generate` (in a home of its own), the head started with token auth on
-    and `ray job stop` sending SIGINT; stopped at the end. Yields (address, client env): the
-    client authenticates as the README says (RAY_AUTH_MODE=token, the token file)."""
-    ray_bin = Path(sys.executable).parent / "ray"
-    port, dash, agent = free_port(), free_port(), free_port()
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25",
-               RAY_TRAIN_ENABLE_PRINT_PATCH="0")
-    # The job's `python` is the cluster's: this environment's (a cluster node's image has sodm).
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    made = subprocess.run([str(ray_bin), "get-auth-token", "--generate"], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert made.returncode == 0 and (home / ".ray" / "auth_token").is_file(), made.stderr
-    temp = Path("/tmp") / f"rayhead{port}"  # short: Ray's socket paths have a length limit
-    head_env = {**env, "RAY_AUTH_MODE": "token", "RAY_JOB_STOP_SIGNAL": "SIGINT",
-                "RAY_JOB_STOP_WAIT_TIME_S": "120"}
-    subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=4",
-                    f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
-                    # its own job agent port: another Ray on the machine holds the default (52365),
-                    # and a head whose agent cannot bind answers "No available agent"
-                    f"--dashboard-agent-listen-port={agent}"],
-                   env=head_env, cwd=home, check=True, capture_output=True, timeout=120)
-    try:
-        yield f"http://127.0.0.1:{dash}", {**env, "RAY_AUTH_MODE": "token"}, temp
-    finally:
-        stop_ray_under(temp)  # not `ray stop`: that stops every Ray on the machine, a user's too
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def ray_job(args: list[str], env: dict, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    """`ray job ...` as a user types it; retried while the head's job agent is not up yet (a
-    loaded machine brings it up after `ray start` returns: "No available agent")."""
-    ray_bin = Path(sys.executable).parent / "ray"
-    deadline = time.time() + 120
-    while True:
-        done = subprocess.run([str(ray_bin), "job", *args], env=env, cwd=cwd, capture_output=True,
-                              text=True, timeout=timeout)
-        if "No available agent" not in done.stdout + done.stderr or time.time() > deadline:
-            return done
-        time.sleep(3)
-
-
-def wait_for_job(address: str, token: str, job_id: str, timeout: float = 600):
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
-    deadline = time.time() + timeout
-    while time.time() < deadline and not client.get_job_status(job_id).is_terminal():
-        time.sleep(2)
-    return client.get_job_status(job_id), client.get_job_logs(job_id)
-
-
-def ray_processes(temp: Path) -> list:
-    """The processes of the Ray instance whose temp dir is `temp` (its GCS, raylet, dashboard:
-    their command lines name it), and no other's."""
-    import psutil
-
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(str(temp) in arg for arg in p.info["cmdline"] or []):
-                procs.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return procs
-
-
-def stop_ray_under(temp: Path) -> None:
-    """Stop the Ray instance whose temp dir is `temp` (its workers exit with it), and no other."""
-    import psutil
-
-    procs = ray_processes(temp)
-    for p in procs:
-        p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=30)
-    for p in alive:
-        p.kill()
-
-
-def _children_of(temp: Path, title: str) -> list:
-    """The processes titled `title` among the workers of the Ray head whose temp dir is temp."""
-    raylets = [p for p in ray_processes(temp) if "raylet" in " ".join(p.cmdline())]
-    return [c for r in raylets for c in r.children(recursive=True)
-            if title in " ".join(c.cmdline() or [])]
-
-
-@pytest.mark.slow
-def test_ray_job_submit_runs_a_search(ray_head, tmp_path):
-    """The README's submission, literally: from a folder that is not the repository, the space
-    by bare name (found in the installed package), token auth on; a client without the token,
-    or with a wrong one, is refused."""
-    address, env, _ = ray_head
-    db = tmp_path / "mlflow.db"
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    entry = ["--", "python", "-m", "sodm.tune", "--space", "smoke.yaml", "--resume",
-             "--storage", str(tmp_path / "results"), "--mlflow-uri", f"sqlite:///{db}",
-             "--set", "epochs=1", "--set", "train_subset=256", "--set", "eval_count=40"]
-    no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
-    refused = ray_job(["submit", "--address", address, "--no-wait", *entry], no_token, elsewhere)
-    assert refused.returncode != 0 and "raysubmit_" not in refused.stdout, refused.stdout + refused.stderr
-    wrong = {**env, "RAY_AUTH_TOKEN": "0" * 64}
-    refused = ray_job(["submit", "--address", address, "--no-wait", *entry], wrong, elsewhere)
-    assert refused.returncode != 0 and "raysubmit_" not in refused.stdout, refused.stdout + refused.stderr
-    submit = ray_job(["submit", "--address", address, "--no-wait", *entry], env, elsewhere)
-    assert submit.returncode == 0, submit.stdout + submit.stderr
-    job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
-    token = (Path(env["HOME"]) / ".ray" / "auth_token").read_text().strip()
-    from ray.job_submission import JobStatus
-
-    status, logs = wait_for_job(address, token, job_id)
-    assert status == JobStatus.SUCCEEDED, f"{status}\n{logs[-4000:]}"
-    from sodm.tune import TUNE_SPACES
-
-    assert f"(space {TUNE_SPACES / 'smoke.yaml'})" in logs  # found in the installed package
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
-    runs = mlflow.search_runs(experiment_names=["sodm-smoke"], output_format="list")
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(runs) == 4 and len(children) == 3
-    assert all("acr" in c.data.metrics and "beta" in c.data.params for c in children)
-
-
-@pytest.mark.slow
-def test_ray_job_stop_saves_the_search_and_resume_finishes_it(ray_head, tmp_path):
-    """A trial driver killed mid-trial is relaunched (FailureConfig) and resumes its checkpoint;
-    `ray job stop` (SIGINT on this head, as the shipped clusters set it) saves the search; the same
-    submission again with --resume finishes it: no trial lost, no MLflow run twice."""
-    address, env, temp = ray_head
-    space = tmp_path / "job.yaml"
-    space.write_text(yaml.safe_dump({
-        "name": "job",
-        "base": {"dataset": "digits", "epochs": 6, "train_subset": 256, "eval_count": 40,
-                 "acr_quick_count": 2, "acr_quick_n": 32, "lr_milestones": [], "beta_milestone": None},
-        "space": {"beta": {"type": "choice", "values": [2.0, 6.0]}},
-        "search": {"num_samples": 2, "scheduler": "fifo",
-                   "max_concurrent_trials": 1, "max_failures": 2},
-        "resources": {"worker_cpus": 0.5, "trial_cpus": 0.25, "refresher_cpus": 0.25},
-        "final": {"top_k": "all", "n0": 10, "n": 100, "skip": 90, "max": 4, "batch": 100},
-        "mlflow": {"experiment": "job"}}))
-    db = tmp_path / "mlflow.db"
-    results = tmp_path / "results"
-    entry = ["--", "python", "-m", "sodm.tune", "--space", str(space), "--resume",
-             "--storage", str(results), "--mlflow-uri", f"sqlite:///{db}"]
-    token = (Path(env["HOME"]) / ".ray" / "auth_token").read_text().strip()
-    from ray.job_submission import JobStatus
-
-    def epochs_done() -> int:
-        return sum(len(p.read_text().splitlines()) for p in results.glob("job/trials/*/metrics.jsonl"))
-
-    def wait_until(condition, what: str, timeout: float = 300) -> None:
-        deadline = time.time() + timeout
-        while not condition():
-            assert time.time() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.5)
-
-    submit = ray_job(["submit", "--address", address, "--no-wait", *entry], env, tmp_path)
-    assert submit.returncode == 0, submit.stdout + submit.stderr
-    job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
-    wait_until(lambda: epochs_done() >= 1, "the first epoch")
-    drivers = _children_of(temp, "ray::ImplicitFunc")
-    assert len(drivers) == 1
-    drivers[0].kill()  # the trial's driver process is lost
-    [first] = results.glob("job/trials/*/metrics.jsonl")  # the only trial started so far
-    seen = len(first.read_text().splitlines())
-    # Relaunched, the same trial trains on from its checkpoint (an errored trial would stay
-    # where it was, and the next trial would start instead).
-    wait_until(lambda: len(first.read_text().splitlines()) > seen, "the trial relaunched")
-    stop = ray_job(["stop", "--address", address, job_id], env, tmp_path)
-    assert stop.returncode == 0, stop.stdout + stop.stderr
-    status, logs = wait_for_job(address, token, job_id, timeout=180)
-    assert status == JobStatus.STOPPED, f"{status}\n{logs[-4000:]}"
-    assert "its state is saved" in logs, logs[-4000:]  # Tune saved, not SIGKILLed
-
-    again = ray_job(["submit", "--address", address, "--no-wait", *entry], env, tmp_path)
-    assert again.returncode == 0, again.stdout + again.stderr
-    job_id = re.search(r"raysubmit_\w+", again.stdout + again.stderr).group(0)
-    status, logs = wait_for_job(address, token, job_id)
-    assert status == JobStatus.SUCCEEDED, f"{status}\n{logs[-4000:]}"
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
-    runs = mlflow.search_runs(experiment_names=["job"], output_format="list")
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 2  # no run twice
-    assert len({c.data.tags["sodm.trial_id"] for c in children}) == 2  # no trial lost
-    client = mlflow.MlflowClient(f"sqlite:///{db}")
-    for child in children:
-        assert child.info.status == "FINISHED" and "acr" in child.data.metrics
-        steps = sorted({m.step for m in client.get_metric_history(child.info.run_id, "acr_quick")})
-        assert steps == [1, 2, 3, 4, 5, 6]  # every epoch, after the relaunch and the resume

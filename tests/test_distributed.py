@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,9 +39,19 @@ def local_ray():
             os.environ[k] = v
 
 
-def test_two_workers_and_refresher(local_ray, tmp_path):
-    cfg = make_config(**FAST, epochs=4, out_dir=str(tmp_path / "run"), refresher_sync=True, m=5)
-    result = distributed.run(cfg, certify=False)
+SYNC = dict(FAST, epochs=4, refresher_sync=True, m=5)  # synchronous refresh: deterministic
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(local_ray, tmp_path_factory):
+    """The synchronous two-worker run, uninterrupted: (its config, its result)."""
+    cfg = make_config(**SYNC, out_dir=str(tmp_path_factory.mktemp("sync") / "run"))
+    return cfg, distributed.run(cfg, certify=False)
+
+
+def test_two_workers_and_refresher(local_ray, uninterrupted, tmp_path):
+    cfg, result = uninterrupted
+    run_dir = Path(cfg.out_dir)
     history = result["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     # 1,437 training digits less 237 for validation: 1,200, 600 per worker in batches of 32:
@@ -55,7 +66,7 @@ def test_two_workers_and_refresher(local_ray, tmp_path):
     assert history[-1]["loss"] < history[0]["loss"]
     assert history[-1]["val_clean_acc"] > 0.7
     # The checkpoint restores the classifier and the mapping.
-    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     model = model_from_checkpoint(ckpt)
     x = torch.rand(4, 1, 8, 8)
     assert model(x).shape == (4, 10)
@@ -105,8 +116,13 @@ def _kill_when(path, epoch_line, class_name, killed):
         time.sleep(0.2)
 
 
-def test_killed_worker_and_refresher_recover(local_ray, tmp_path):
-    cfg = make_config(**FAST, epochs=5, out_dir=str(tmp_path / "run"), max_failures=2)
+def test_killed_worker_and_refresher_recover(local_ray, uninterrupted, tmp_path):
+    """The same synchronous run, a Train worker SIGKILLed in its second epoch and the refresher
+    in its fourth: Ray Train restarts from the last checkpoint, the refresher comes back with its
+    checkpointed state, and the run ends with the uninterrupted run's very weights and mapping
+    (bench/chaos_train.py does this at K random moments)."""
+    clean_cfg, clean = uninterrupted
+    cfg = make_config(**SYNC, out_dir=str(tmp_path / "run"), max_failures=2)
     metrics = tmp_path / "run" / "metrics.jsonl"
     killed = []
 
@@ -120,12 +136,16 @@ def test_killed_worker_and_refresher_recover(local_ray, tmp_path):
     thread.join(timeout=5)
     assert killed == ["RayTrainWorker", "RefresherActor"]
     history = result["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]  # nothing skipped
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # nothing skipped
     # The refresher came back with its checkpointed state: its version went on from where it
-    # was, never back to 0 (a refresher restarted empty counts from 0 again).
-    versions = [h["mapping_version"] for h in history]
-    assert versions == sorted(versions) and versions[2] > 0, versions
-    assert history[-1]["val_clean_acc"] > 0.7
+    # was (a refresher restarted empty counts from 0 again), exactly as without the losses.
+    assert ([h["mapping_version"] for h in history]
+            == [h["mapping_version"] for h in clean["history"]])
+    a = load_checkpoint(Path(clean_cfg.out_dir) / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert torch.equal(a["refresher"]["mapping"]["bias"], b["refresher"]["mapping"]["bias"])
 
 
 def test_certification_spread_over_workers_gives_the_same_rows(local_ray, digits_checkpoint, tmp_path):
@@ -137,8 +157,6 @@ def test_certification_spread_over_workers_gives_the_same_rows(local_ray, digits
            "data_dir": None, "sigma": 0.25}
     indices = list(range(0, 360, 30))
     settings = CertifySettings(n0=20, n=300, alpha=0.001, batch=150, seed=5)
-    certify_subset_on_ray(job, indices, settings, out=tmp_path / "one.tsv", num_workers=1,
-                          use_gpu=False, chunk=2, progress=False)
     certify_subset_on_ray(job, indices, settings, out=tmp_path / "two.tsv", num_workers=2,
                           use_gpu=False, chunk=2, progress=False)
     model = model_from_checkpoint(load_checkpoint(digits_checkpoint))
@@ -148,14 +166,14 @@ def test_certification_spread_over_workers_gives_the_same_rows(local_ray, digits
     def rows(name):
         return [line.split("\t")[:5] for line in (tmp_path / name).read_text().splitlines()]
 
-    assert rows("one.tsv") == rows("two.tsv") == rows("local.tsv")
+    assert rows("two.tsv") == rows("local.tsv")
     assert [r[0] for r in rows("two.tsv")[1:]] == [str(i) for i in indices]  # in index order
     # Resumable like the single-process file: a cut file is completed to the same rows.
     lines = (tmp_path / "two.tsv").read_text().splitlines()
     (tmp_path / "two.tsv").write_text("\n".join(lines[:6]) + "\n")
     certify_subset_on_ray(job, indices, settings, out=tmp_path / "two.tsv", num_workers=2,
                           use_gpu=False, progress=False)
-    assert rows("two.tsv") == rows("one.tsv")
+    assert rows("two.tsv") == rows("local.tsv")
 
 
 def test_use_gpu_on_a_machine_without_one_is_refused_but_a_cluster_may_grow(local_ray, tmp_path,

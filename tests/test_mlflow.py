@@ -152,7 +152,7 @@ SPACE = {
 
 
 @pytest.mark.slow
-def test_a_search_browsed_through_a_tracking_server(tmp_path, mlflow_server):
+def test_a_search_browsed_through_a_tracking_server(tmp_path, mlflow_server, capsys):
     import mlflow
 
     space = tmp_path / "space.yaml"
@@ -200,10 +200,9 @@ def test_a_search_browsed_through_a_tracking_server(tmp_path, mlflow_server):
     by_model, by_file = tmp_path / "model.tsv", tmp_path / "file.tsv"
     common = ["--max", "4", "--skip", "30", "--n0", "20", "--n", "200", "--no-progress"]
     for source, out in (("models:/sodm-two/1", by_model), (str(local), by_file)):
-        proc = subprocess.run([sys.executable, "-m", "sodm.certify", "--checkpoint", source,
-                               "--out", str(out), "--mlflow-uri", mlflow_server, *common],
-                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        code = cli.run(certify_mod.main, "sodm.certify", ["--checkpoint", source, "--out", str(out),
+                                                         "--mlflow-uri", mlflow_server, *common])
+        assert code == 0, capsys.readouterr().err[-2000:]
     assert rows_without_time(by_model) == rows_without_time(by_file)
 
     # the parent's pictures (real PNGs naming every trial) and its table of trials
@@ -222,15 +221,16 @@ def test_a_search_browsed_through_a_tracking_server(tmp_path, mlflow_server):
     for r in children.values():
         tsvs.append(Path(c.download_artifacts(r.info.run_id, "certification/certify.tsv",
                                               str(tmp_path / "tsv" / r.info.run_name))))
-    proc = subprocess.run([sys.executable, "-m", "sodm.report", "--experiment", "two",
-                           "--mlflow-uri", mlflow_server, "--out", str(tmp_path / "report")],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    via_analyze = subprocess.run([sys.executable, "-m", "sodm.analyze", "--markdown", "--no-plot",
-                                  *map(str, tsvs)], env=env, capture_output=True, text=True)
-    assert via_analyze.returncode == 0, via_analyze.stderr
-    assert (sorted(line.split("|", 2)[2] for line in proc.stdout.splitlines()[2:])
-            == sorted(line.split("|", 2)[2] for line in via_analyze.stdout.splitlines()[2:]))
+    capsys.readouterr()
+    assert cli.run(report.main, "sodm.report", ["--experiment", "two", "--mlflow-uri", mlflow_server,
+                                                "--out", str(tmp_path / "report")]) == 0
+    via_report = capsys.readouterr().out
+    from sodm import analyze
+
+    assert cli.run(analyze.main, "sodm.analyze", ["--markdown", "--no-plot", *map(str, tsvs)]) == 0
+    via_analyze = capsys.readouterr().out
+    assert (sorted(line.split("|", 2)[2] for line in via_report.splitlines()[2:])
+            == sorted(line.split("|", 2)[2] for line in via_analyze.splitlines()[2:]))
     assert (tmp_path / "report" / "curves.png").read_bytes().startswith(b"\x89PNG")
     assert "| trial-" in (tmp_path / "report" / "report.md").read_text()
 

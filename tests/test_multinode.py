@@ -15,12 +15,35 @@ import pytest
 import yaml
 
 from sodm.local_cluster import LocalCluster, MLflowServer
-from test_cluster import ray_job, wait_for_job
+from sodm.space import TUNE_SPACES
 
 pytestmark = pytest.mark.slow
 
 EPOCHS = 8
 ROLES = {"driver": "ray::ImplicitFunc", "worker": "ray::RayTrainWorker", "refresher": "ray::RefresherActor"}
+
+
+def ray_job(args: list[str], env: dict, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`ray job ...` as a user types it; retried while the head's job agent is not up yet (a
+    loaded machine brings it up after `ray start` returns: "No available agent")."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    deadline = time.time() + 120
+    while True:
+        done = subprocess.run([str(ray_bin), "job", *args], env=env, cwd=cwd, capture_output=True,
+                              text=True, timeout=timeout)
+        if "No available agent" not in done.stdout + done.stderr or time.time() > deadline:
+            return done
+        time.sleep(3)
+
+
+def wait_for_job(address: str, token: str, job_id: str, timeout: float = 600):
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
+    deadline = time.time() + timeout
+    while time.time() < deadline and not client.get_job_status(job_id).is_terminal():
+        time.sleep(2)
+    return client.get_job_status(job_id), client.get_job_logs(job_id)
 
 
 @pytest.fixture(scope="module")
@@ -84,17 +107,40 @@ def wait_until(condition, what: str, timeout: float = 600) -> None:
         time.sleep(0.5)
 
 
-def test_a_search_on_four_nodes_loses_three_and_finishes(cluster, tmp_path):
-    """The smoke search's shape on four worker nodes, the refresher spread apart from its Train
-    workers: a Train worker's node, a trial driver's node and a refresher's node are lost in turn
-    (each replaced by a fresh node, as an autoscaler would). Ray Train restarts the worker group
-    from the last checkpoint, Tune relaunches the trial whose driver died and it resumes from its
-    checkpoint, the refresher comes back with its checkpointed state; the search finishes and
-    MLflow holds each trial once, FINISHED and certified, each epoch once."""
+# The smoke space at this test's scale, through --set (as a user tries a space smaller): the
+# trials long enough to lose three nodes and be stopped, the refresher spread apart from its
+# Train workers, each trial filling most of a node.
+SMOKE_HERE = {"epochs": EPOCHS, "train_subset": 256, "eval_count": 40, "acr_quick_count": 2,
+              "acr_quick_n": 32, "max_failures": 4, "search.num_samples": 2,
+              "search.max_failures": 3, "resources.worker_cpus": 1, "resources.trial_cpus": 0.5,
+              "resources.refresher_cpus": 0.5, "resources.refresher_placement": "spread",
+              "final.n0": 10, "final.n": 100, "final.skip": 90, "final.max": 4,
+              "final.batch": 100, "mlflow.experiment": "nodes"}
+
+
+def test_a_search_on_four_nodes_loses_three_stops_resumes_and_finishes(cluster, tmp_path):
+    """cluster/README.md's submission, literally: from a folder that is not the repository, the
+    space by bare name (found in the installed package), token auth on; a client without the
+    token, or with a wrong one, is refused. On four worker nodes, the refresher spread apart
+    from its Train workers, a Train worker's node, a trial driver's node and a refresher's node
+    are lost in turn (each replaced by a fresh node, as an autoscaler would): Ray Train restarts
+    the worker group from the last checkpoint, Tune relaunches the trial whose driver died and
+    it resumes from its checkpoint, the refresher comes back with its checkpointed state. Then
+    `ray job stop` (SIGINT on this head, as the shipped clusters set it) saves the search, and
+    the same submission again finishes it: MLflow holds each trial once, FINISHED and
+    certified, each epoch once."""
     c, uri = cluster, cluster.mlflow.uri
-    space = space_file(tmp_path / "nodes.yaml", "nodes", refresher_placement="spread")
-    job = submit(c, ["python", "-m", "sodm.tune", "--space", str(space), "--resume",
-                     "--storage", str(tmp_path / "results"), "--mlflow-uri", uri], tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    sets = [arg for key, value in SMOKE_HERE.items() for arg in ("--set", f"{key}={value}")]
+    entry = ["python", "-m", "sodm.tune", "--space", "smoke.yaml", "--resume",
+             "--storage", str(tmp_path / "results"), "--mlflow-uri", uri, *sets]
+    submit_args = ["submit", "--address", c.dashboard, "--no-wait", "--", *entry]
+    no_token = {k: v for k, v in c.env.items() if k != "RAY_AUTH_MODE"}
+    for env in (no_token, {**c.env, "RAY_AUTH_TOKEN": "0" * 64}):  # no token, a wrong one
+        refused = ray_job(submit_args, env, elsewhere)
+        assert refused.returncode != 0 and "raysubmit_" not in refused.stdout, refused.stdout + refused.stderr
+    job = submit(c, entry, elsewhere)
 
     def progress() -> int:
         return sum(len(epochs_logged(uri, r.info.run_id)) for r in trial_runs(uri, "nodes"))
@@ -128,21 +174,36 @@ def test_a_search_on_four_nodes_loses_three_and_finishes(cluster, tmp_path):
     lose(worker_only, "a Train worker")
     lose(lambda now: min(now["driver"], default=None), "a trial's driver")
     lose(lambda now: min(now["refresher"] - now["driver"] or now["refresher"], default=None), "a refresher")
+    hit = {role for _, _, roles in kills for role in roles}
+    assert hit == {"driver", "worker", "refresher"}, kills
 
     from ray.job_submission import JobStatus
 
-    status, logs = wait_for_job(c.dashboard, c.token, job, timeout=900)
-    assert status == JobStatus.SUCCEEDED, f"{status}\n{logs[-6000:]}"
-    hit = {role for _, _, roles in kills for role in roles}
-    assert hit == {"driver", "worker", "refresher"}, kills
+    seen = progress()
+    wait_until(lambda: progress() > seen, "progress after the losses")
+    assert progress() < 2 * EPOCHS, "the search ended before it could be stopped"
+    stop = ray_job(["stop", "--address", c.dashboard, job], c.env, elsewhere)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    status, logs = wait_for_job(c.dashboard, c.token, job, timeout=300)
+    assert status == JobStatus.STOPPED, f"{status}\n{logs[-6000:]}"
+    assert "its state is saved" in logs, logs[-6000:]  # Tune saved, not SIGKILLed
+    assert f"(space {TUNE_SPACES / 'smoke.yaml'})" in logs  # found in the installed package
+
+    again = submit(c, entry, elsewhere)  # the same submission: --resume continues the search
+    status, more = wait_for_job(c.dashboard, c.token, again, timeout=900)
+    logs += more
+    assert status == JobStatus.SUCCEEDED, f"{status}\n{more[-6000:]}"
     import mlflow
 
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("nodes").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(runs) == 3 and len(children) == 2, [r.data.tags for r in runs]  # each trial once
+    assert len(parents) == 1 and len(children) == 2, [r.data.tags for r in runs]  # each once
+    assert len({r.data.tags["sodm.trial_id"] for r in children}) == 2  # no trial lost
     for child in children:
         assert child.info.status == "FINISHED" and "acr" in child.data.metrics  # certified
+        assert {"beta", "rho", "m", "n"} <= set(child.data.params)
         assert epochs_logged(uri, child.info.run_id) == list(range(1, EPOCHS + 1))  # each once
         tags = child.data.tags
         assert tags["sodm.node.refresher"] != tags["sodm.node.worker_0"]  # spread: apart

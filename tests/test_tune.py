@@ -90,6 +90,25 @@ def test_a_search_may_select_on_plugin_certified_accuracy_at_a_radius(tmp_path):
     assert (certify.n0, certify.n, certify.alpha, certify.max) == (50, 5000, 0.01, 0)
 
 
+def test_set_reaches_every_section_and_is_validated_there(tmp_path, capsys):
+    """--set key=value is a base key; section.key=value a key of that section, validated as if
+    the file said it; a section that does not exist, or a bad value, is one line."""
+    path = write(tmp_path, GOOD)
+    _, space = tune.load_space(str(path), ["epochs=5", "search.num_samples=7",
+                                           "resources.refresher_placement=spread",
+                                           "final.max=11", "mlflow.experiment=try",
+                                           "space.n={type: choice, values: [8]}"])
+    assert space.base["epochs"] == 5 and space.search.num_samples == 7 and space.final.max == 11
+    assert space.resources.refresher_placement == "spread" and space.mlflow.experiment == "try"
+    assert space.space["n"].values == [8]
+    for bad, message in (("nonesuch.epochs=2", "'nonesuch' is not a section"),
+                         ("search.num_samples=many", "num_samples"),
+                         ("resources.refresher_placement=everywhere", "refresher_placement")):
+        assert cli.run(tune.main, "sodm.tune", ["--space", str(path), "--check", "--set", bad]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
 def test_bare_names_resolve_to_tune_spaces(tmp_path, monkeypatch):
     root = Path(tune.__file__).resolve().parent.parent / "tune_spaces"
     monkeypatch.chdir(tmp_path)  # no tune_spaces/ here: the package's folder answers
@@ -114,77 +133,6 @@ def test_shipped_spaces_validate(name, tmp_path, monkeypatch):
 QUIET = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
          "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
          "RAY_TRAIN_METRICS_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-@pytest.mark.slow
-def test_search_interrupted_resumed_and_recorded_in_mlflow(tmp_path):
-    doc = {
-        "name": "tiny",
-        "base": {"dataset": "digits", "epochs": 3, "train_subset": 320, "eval_count": 50,
-                 "acr_quick_count": 3, "acr_quick_n": 32, "lr_milestones": [], "beta_milestone": None},
-        "space": GOOD["space"],
-        "search": {"num_samples": 2, "scheduler": "fifo", "max_concurrent_trials": 1},
-        "resources": {"worker_cpus": 0.5, "trial_cpus": 0.25, "refresher_cpus": 0.25},
-        # the end of the search certifies over 2 Ray workers, as on a cluster
-        "final": {"top_k": "all", "n0": 20, "n": 200, "skip": 36, "max": 5, "batch": 200,
-                  "num_workers": 2},
-        "mlflow": {"experiment": "tiny"},
-    }
-    space = write(tmp_path, doc)
-    db = tmp_path / "mlflow.db"
-    env = {k: v for k, v in {**os.environ, **QUIET}.items() if k != "RAY_ADDRESS"}
-    # Storage as a URI (the remote-storage path: state and checkpoints through pyarrow), the
-    # summaries and certifications in the local work folder.
-    cmd = [sys.executable, "-m", "sodm.tune", "--space", str(space), "--storage",
-           (tmp_path / "runs").as_uri(), "--mlflow-uri", f"sqlite:///{db}"]
-    search = tmp_path / "sodm_work" / "tiny"
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # interrupt once the first trial has finished an epoch
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        if any(len(p.read_text().splitlines()) >= 1 for p in search.glob("trials/*/metrics.jsonl")):
-            break
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=180)
-    assert proc.returncode != 0, out[-3000:]
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
-    interrupted = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-    assert interrupted and all(r.info.status != "RUNNING" for r in interrupted)  # none left open
-    unfinished = [r for r in interrupted if r.info.status == "KILLED"]
-    assert unfinished and all("search interrupted" in r.data.tags["sodm.end_reason"] for r in unfinished)
-
-    done = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    assert "acr_quick" in done.stdout and "acr" in done.stdout
-
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
-    runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(parents) == 1 and len(children) == 2  # one run per trial, none opened twice
-    for child in children:
-        assert {"beta", "rho", "m", "n", "sigma", "dataset"} <= set(child.data.params)
-        assert "acr" in child.data.metrics and "cert_acc_0.25" in child.data.metrics
-        history = client.get_metric_history(child.info.run_id, "acr_quick")
-        assert sorted(m.step for m in history)[-1] == 3  # every epoch, up to the last
-        artifacts = [a.path for a in client.list_artifacts(child.info.run_id, "certification")]
-        assert "certification/certify.tsv" in artifacts and "certification/certify.png" in artifacts
-        assert child.info.status == "FINISHED"  # the interrupted ones reopened and ended
-        assert "trained all 3 epochs" in child.data.tags["sodm.end_reason"]
-        local = tmp_path / "sodm_work" / "tiny" / "trials" / child.data.tags["sodm.trial_id"]
-        provenance = (local / "certify.tsv.json").read_text()
-        assert "ray: 2 CPU workers" in provenance
-    assert (search / "summary.txt").exists()
-    # with a URI --storage the summaries and certifications are copied beside the search's state
-    stored = tmp_path / "runs" / "tiny"
-    assert (stored / "summary.txt").exists() and (stored / "trials.csv").exists()
-    assert len(list(stored.glob("trials/*/certify.tsv"))) == 2
-    assert list((tmp_path / "runs" / "tiny" / "trials").glob("*/train-*/checkpoint_*/checkpoint.pt"))
 
 
 def test_unwritable_storage_is_refused(tmp_path, capsys):
@@ -279,7 +227,7 @@ def test_a_trial_whose_reported_checkpoint_is_gone_is_certified_from_its_newest(
 
 def test_max_failures_reaches_tunes_failure_config(tmp_path):
     """search.max_failures is what Tune's FailureConfig gets (the relaunch itself, a trial driver
-    killed mid-trial, is tests/test_cluster.py's job-stop test)."""
+    lost with its node mid-trial, is tests/test_multinode.py's)."""
     space_file = tune.load_space(str(write(tmp_path, with_("search.max_failures", 3))))[1]
     tuner = tune.build_tuner(space_file, str(tmp_path / "runs"), "t", tmp_path, "sqlite:///x.db",
                              "0", "parent", resume=False)
@@ -405,8 +353,13 @@ def test_a_clone_adopts_its_mutated_lr_on_the_restored_schedule():
 @pytest.mark.slow
 def test_a_pbt_search_clones_mutates_and_resumes(tmp_path):
     """Two digits trials, an exploit at epoch 2 of 3: the search is interrupted after the first
-    epoch and resumed; a clone starts from its source's checkpoint (its history, so its weights)
-    with a mutated beta, its lineage is in MLflow, and each epoch line is printed once."""
+    epoch (no MLflow run left open, the unfinished ones say why) and resumed (each trial's run
+    reopened, not opened twice, and ended FINISHED); a clone starts from its source's checkpoint
+    (its history, so its weights) with a mutated beta, its lineage is in MLflow, and each epoch
+    line is printed once. The storage is a URI (the remote-storage path: state and checkpoints
+    through pyarrow; summaries and certifications in the local work folder, copied beside the
+    state at the end) and the end of the search certifies every trial over 2 Ray workers, as on
+    a cluster."""
     doc = {
         "name": "pbt",
         "base": {"dataset": "digits", "epochs": 3, "train_subset": 320, "eval_count": 50,
@@ -418,7 +371,8 @@ def test_a_pbt_search_clones_mutates_and_resumes(tmp_path):
                    "quantile_fraction": 0.5, "resample_probability": 0.0, "max_concurrent_trials": 2,
                    "points_to_evaluate": [{"beta": 1.5}, {"beta": 9.0}]},
         "resources": {"worker_cpus": 0.5, "trial_cpus": 0.25, "refresher_cpus": 0.25},
-        "final": {"top_k": 1, "n0": 20, "n": 100, "skip": 36, "max": 3, "batch": 100},
+        "final": {"top_k": "all", "n0": 20, "n": 100, "skip": 36, "max": 3, "batch": 100,
+                  "num_workers": 2},
         "mlflow": {"experiment": "pbt", "system_metrics": False},
     }
     space = write(tmp_path, doc)
@@ -426,35 +380,56 @@ def test_a_pbt_search_clones_mutates_and_resumes(tmp_path):
     env = {k: v for k, v in {**os.environ, **QUIET}.items() if k != "RAY_ADDRESS"}
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "1"  # as a user runs it: each line printed once even so
     cmd = [sys.executable, "-m", "sodm.tune", "--space", str(space), "--storage",
-           str(tmp_path / "runs"), "--mlflow-uri", f"sqlite:///{db}"]
-    search = tmp_path / "runs" / "pbt"
+           (tmp_path / "runs").as_uri(), "--mlflow-uri", f"sqlite:///{db}"]
+    search = tmp_path / "runs" / "pbt"  # the state and checkpoints, behind the URI
+    work = tmp_path / "sodm_work" / "pbt"  # the local work folder
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 400
     while time.time() < deadline:  # interrupt once a trial has finished an epoch
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        if any(p.read_text().strip() for p in search.glob("trials/*/metrics.jsonl")):
+        if any(p.read_text().strip() for p in work.glob("trials/*/metrics.jsonl")):
             break
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, out[-3000:]
-    done = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=900)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-4000:]
-    epoch_lines = [line for line in out.splitlines() if re.search(r"epoch +\d+  loss ", line)]
-    assert epoch_lines and len(epoch_lines) == len(set(epoch_lines)), "\n".join(epoch_lines)
-    assert "Pickle" not in out and "Downloading artifacts" not in out
-
     import mlflow
     from sodm.checkpoint import load_checkpoint
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    interrupted = client.search_runs([client.get_experiment_by_name("pbt").experiment_id])
+    assert interrupted and all(r.info.status != "RUNNING" for r in interrupted)  # none left open
+    unfinished = [r for r in interrupted if r.info.status == "KILLED"]
+    assert unfinished and all("search interrupted" in r.data.tags["sodm.end_reason"] for r in unfinished)
+
+    done = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert "acr_quick" in done.stdout and "acr" in done.stdout
+    epoch_lines = [line for line in out.splitlines() if re.search(r"epoch +\d+  loss ", line)]
+    assert epoch_lines and len(epoch_lines) == len(set(epoch_lines)), "\n".join(epoch_lines)
+    assert "Pickle" not in out and "Downloading artifacts" not in out
+
     runs = client.search_runs([client.get_experiment_by_name("pbt").experiment_id])
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     trials = {r.data.tags["sodm.trial_id"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
-    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials.values())
+    assert len(trials) == 2 and len(runs) == 3  # one run per trial, none opened twice
+    for tid, child in trials.items():
+        assert child.info.status == "FINISHED"  # the interrupted ones reopened and ended
+        assert "trained all 3 epochs" in child.data.tags["sodm.end_reason"]
+        assert {"beta", "sigma", "dataset"} <= set(child.data.params)
+        assert "acr" in child.data.metrics and "cert_acc_0.25" in child.data.metrics
+        history = client.get_metric_history(child.info.run_id, "acr_quick")
+        assert sorted(m.step for m in history)[-1] == 3  # every epoch, up to the last
+        artifacts = [a.path for a in client.list_artifacts(child.info.run_id, "certification")]
+        assert "certification/certify.tsv" in artifacts and "certification/certify.png" in artifacts
+        assert "ray: 2 CPU workers" in (work / "trials" / tid / "certify.tsv.json").read_text()
+    # with a URI --storage the summaries and certifications are copied beside the search's state
+    assert (work / "summary.txt").exists()
+    assert (search / "summary.txt").exists() and (search / "trials.csv").exists()
+    assert len(list(search.glob("trials/*/certify.tsv"))) == 2
     clones = {tid: r for tid, r in trials.items() if pbt.CLONED_FROM in r.data.tags}
     assert clones, {tid: r.data.tags for tid, r in trials.items()}
     tid, clone = next(iter(clones.items()))
