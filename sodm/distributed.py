@@ -145,6 +145,11 @@ class RefresherActor:
         self.core.load_state_dict(state)
         return self.core.version
 
+    @ray.method(concurrency_group="update")
+    def reset(self) -> int:
+        self.core.reset()
+        return self.core.version
+
     @ray.method(concurrency_group="query")
     def node_id(self) -> str:
         """The Ray node it runs on (where the weights travel to)."""
@@ -250,6 +255,12 @@ class RemoteRefresher:
     def load_state_dict(self, state: dict) -> None:
         self._checkpointed, self._unsaved = state, 0
         self.version = self._call("load_state_dict", state)
+
+    def reset(self) -> None:
+        """The actor outlives a Train restart: a run started again from no checkpoint puts it
+        back to its first state (else the lost attempt's updates would carry over)."""
+        self.pending, self._checkpointed, self._unsaved = None, None, 0
+        self.version = self._call("reset")
 
 
 def _worker(config: dict) -> None:

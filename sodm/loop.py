@@ -497,6 +497,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
                                   f"{str(e).strip().splitlines()[0]}") from None
         if session.is_main:
             log(f"initialised from {cfg.init_checkpoint}")
+    if ckpt is None and state.refresher is not None:
+        state.refresher.reset()  # a restart before the first checkpoint: the actor lived on
     if state.dynamic:
         # Every rank starts from rank 0's mapping (the refresher's current version).
         latest = session.broadcast(state.refresher.latest() if session.is_main else None)

@@ -9,6 +9,7 @@ the Ray actor (`sodm.distributed.RefresherActor`) wraps the same object.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from typing import NamedTuple
@@ -63,6 +64,7 @@ class MappingRefresher:
         # Guards the parameters and version against a concurrent `latest` (the Ray actor answers
         # queries while an update runs); the expensive forward pass runs outside it.
         self._lock = threading.Lock()
+        self._start = copy.deepcopy(self.state_dict())  # what `reset` goes back to
 
     def update(self, classifier_state: dict, beta: float, step: int = 0) -> int:
         """One refresh from the given classifier weights (those of training step `step`); returns
@@ -110,6 +112,11 @@ class MappingRefresher:
         return {"mapping": self.mapping.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "generator": self.generator.get_state(), "version": self.version,
                 "fitted_step": self.fitted_step, "seconds": self.seconds}
+
+    def reset(self) -> None:
+        """Back to the state it was made with: a run that starts again from no checkpoint (its
+        workers lost before the first one) must not start from the updates of the lost attempt."""
+        self.load_state_dict(copy.deepcopy(self._start))
 
     def load_state_dict(self, state: dict) -> None:
         self.mapping.load_state_dict(state["mapping"])

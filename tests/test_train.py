@@ -307,3 +307,33 @@ def test_every_epoch_logs_the_gaps_and_the_p_a_distribution(tmp_path):
     with pytest.raises(ConfigError, match="gap_probe_count: the probe's 1,024 noise copies"):
         make_config(n=2048)
     assert make_config(n=2048, gap_probe_count=0).n == 2048
+
+
+def test_a_run_from_no_checkpoint_resets_a_refresher_that_lived_on(tmp_path):
+    """Under Ray the refresher actor outlives a Train restart. Workers lost before the first
+    checkpoint start the run again from nothing: the refresher must start again too, or the
+    lost attempt's updates carry over (a synchronous run would no longer be the same run)."""
+    from sodm.data import TrainData
+    from sodm.loop import model_description
+    from sodm.refresher import MappingRefresher
+
+    def cfg(name):
+        return make_config(**{**FAST, "epochs": 1}, out_dir=str(tmp_path / name), seed=4,
+                           method="sodm", mapping="affine", m=5)
+
+    fresh = loop.train(cfg("fresh"), log=quiet, certify=False)
+    c = cfg("lived")
+    data = TrainData(c.dataset, c.data_dir, c.refresh_batch_size, "cpu", c.seed, augment=False,
+                     subset=c.train_subset, download=False, val_size=c.validation_size)
+    lived = MappingRefresher(c, model_description(c), data)
+    start = lived.latest()
+    from sodm.models import build_described
+
+    lived.update(build_described(model_description(c)).state_dict(), c.beta, 3)  # a lost attempt's
+    assert lived.version == 1 and any(not torch.equal(start[1][k], v) for k, v in lived.latest()[1].items())
+    again = loop.train(c, log=quiet, certify=False, refresher=lived)
+    assert ([h["mapping_version"] for h in again["history"]]
+            == [h["mapping_version"] for h in fresh["history"]])
+    a = load_checkpoint(tmp_path / "fresh" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "lived" / "checkpoint.pt")
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
