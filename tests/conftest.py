@@ -1,4 +1,5 @@
 import socket
+import sys
 
 import pytest
 import torch
@@ -38,3 +39,19 @@ def free_port():
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
     return pick
+
+
+@pytest.fixture(autouse=True)
+def no_ray_left_running():
+    """Every test shuts down the Ray it starts in this process (a module's shared Ray is started
+    before this fixture and stays). A Ray left running here is a second Ray on the machine for
+    every later test's own searches, and Train V2's placement-group cleaner then cannot find its
+    own ("Found multiple active Ray instances"): stopped trials keep their resources and the
+    search hangs."""
+    ray = sys.modules.get("ray")
+    before = bool(ray and ray.is_initialized())
+    yield
+    ray = sys.modules.get("ray")
+    if not before and ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail("this test left a Ray instance running in the test process; shut it down")

@@ -170,8 +170,13 @@ def test_train_cli_uses_ray_train_with_workers(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(distributed, "run", lambda cfg, resume: seen.update(cfg=cfg, resume=resume))
     (tmp_path / "ray_train").mkdir()  # a run to resume
-    code = cli.run(train_mod.main, "sodm.train", ["--out-dir", str(tmp_path), "--num-workers", "2",
-                                                   "--refresher-sync", "--resume"])
+    try:  # the CLI starts a local Ray (to check the storage on every node) before the run
+        code = cli.run(train_mod.main, "sodm.train", ["--out-dir", str(tmp_path), "--num-workers",
+                                                       "2", "--refresher-sync", "--resume"])
+    finally:
+        import ray
+
+        ray.shutdown()
     assert code == 0
     assert seen["cfg"].num_workers == 2 and seen["cfg"].refresher_sync and seen["resume"]
     assert cli.run(train_mod.main, "sodm.train", ["--num-workers", "-1"]) == 2
