@@ -156,6 +156,20 @@ def init_ray(**kwargs) -> None:
         ray.init(address=address, **kwargs)
 
 
+def beside_this_process() -> dict:
+    """Options for a small actor (no CPUs) that lives and dies with the calling process's node,
+    whatever placement group the caller runs in. A trial's queues between the Train controller
+    and the trial's driver are such actors: left to Ray, they go wherever the trial's placement
+    group has room, which with refresher_placement spread can be the refresher's node, and
+    losing that node then failed the whole trial (the driver's next read of the queue raised)
+    instead of only the refresher, which comes back by itself."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+
+
 def worker_bundle(res) -> dict[str, float]:
     """What one Ray Train worker reserves (res: a TrainConfig or a space file's resources)."""
     return {"CPU": res.worker_cpus, **({"GPU": res.worker_gpus} if res.use_gpu else {})}

@@ -183,16 +183,29 @@ class RemoteRefresher:
 
     ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
-    def _retrying(self, fn, retries: int = 30):
+    # How long a run waits for a lost refresher to come back. Ray restarts it where its resources
+    # fit: on a loaded machine that takes a minute (a new worker process, its imports), on a
+    # cluster that lost the node it may take a new node from the autoscaler.
+    COMEBACK_TIMEOUT_S = 600.0
+
+    def _retrying(self, fn):
         """fn() once the actor answers, restoring a restarted actor's state first."""
-        for attempt in range(retries):
+        deadline, attempt = None, 0
+        while True:
             try:
                 self._restore_if_lost()
                 return fn()
             except self.ERRORS as e:
                 self._lose(e)
+                if deadline is None:
+                    deadline = time.monotonic() + self.COMEBACK_TIMEOUT_S
+                    self.log(f"mapping refresher lost ({type(e).__name__}); waiting up to "
+                             f"{self.COMEBACK_TIMEOUT_S:.0f} s for Ray to restart it")
+                elif time.monotonic() > deadline:
+                    raise RuntimeError("the mapping refresher did not come back within "
+                                       f"{self.COMEBACK_TIMEOUT_S:.0f} s") from None
                 time.sleep(min(2.0, 0.1 * 2 ** attempt))
-        raise RuntimeError(f"the mapping refresher did not come back after {retries} attempts")
+                attempt += 1
 
     def _call(self, method: str, *args):
         return self._retrying(lambda: ray.get(getattr(self.handle, method).remote(*args)))
@@ -269,7 +282,7 @@ def _worker(config: dict) -> None:
     session = RaySession(config.get("start_from"), frozenset(config.get("adopted", ())))
     refresher = None
     if session.is_main and config["refresher"] is not None:
-        refresher = RemoteRefresher(config["refresher"], cfg.refresher_sync)
+        refresher = RemoteRefresher(config["refresher"], cfg.refresher_sync, log=_say)
     on_epoch = on_resume = None
     target = config.get("tracking")
     if target:

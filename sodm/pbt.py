@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 from sodm import tracking
+from sodm.cluster import beside_this_process
 from sodm.space import SpaceFile
 
 CHECKPOINTS_TO_KEEP = 4  # Tune checkpoints per trial: a clone may start from one a little old
@@ -144,7 +145,7 @@ def reporting_to_tune(trial_id: str, schedule: list[dict], values: dict):
     from ray import tune
     from ray.util.queue import Queue
 
-    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    queue = Queue(maxsize=1, actor_options=beside_this_process())
     schedule = list(schedule)
     failed = []
 

@@ -27,9 +27,9 @@ from functools import partial
 from pathlib import Path
 
 from sodm import cli, pbt, tracking
-from sodm.cluster import (ClusterError, StorageError, check_shared_storage, check_writable,
-                          format_bundle, init_ray, is_uri, parse_node, place_trials,
-                          storage_exists, storage_join, worker_bundle)
+from sodm.cluster import (ClusterError, StorageError, beside_this_process, check_shared_storage,
+                          check_writable, format_bundle, init_ray, is_uri, parse_node,
+                          place_trials, storage_exists, storage_join, worker_bundle)
 from sodm.data import load_dataset
 from sodm.search_end import collect_trials, end_search
 from sodm.space import SpaceError, SpaceFile, load_space
@@ -280,7 +280,6 @@ def _trial(sampled: dict, *, space_json: str, search_uri: str, local_dir: str, u
     Its checkpoints go under search_uri/trials/<id> (any storage Ray accepts); its small files
     (config.json, metrics.jsonl) to a local folder."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from sodm import distributed
 
@@ -306,7 +305,7 @@ def _trial(sampled: dict, *, space_json: str, search_uri: str, local_dir: str, u
              "system_metrics_interval": target.system_metrics_interval, "values": values}
     if not space_file.population_based():
         distributed.run(cfg, resume=True, certify=False, run_name=f"train-{trial_id}",
-                        callbacks=[TuneReportCallback()], tracking=track)
+                        callbacks=[report_to_tune()], tracking=track)
         return
     # PBT: the Train run starts from the checkpoint Tune hands the trial (its own, or after an
     # exploit its source's) and reports each checkpoint to Tune (see sodm.pbt)
@@ -317,6 +316,20 @@ def _trial(sampled: dict, *, space_json: str, search_uri: str, local_dir: str, u
         distributed.run(cfg, resume=True, certify=False, run_name=begin["run_name"],
                         callbacks=[report], tracking=track, start_from=begin["checkpoint"],
                         adopted=begin["adopted"])
+
+
+def report_to_tune():
+    """Tune's TuneReportCallback, with the queue it reports through (an actor of the session)
+    made first, on the trial driver's node (see cluster.beside_this_process). Ray 2.60 makes it
+    lazily in a private field of the session; a Ray without that field makes its own."""
+    from ray.train._internal.session import get_session
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Queue
+
+    session = get_session()
+    if getattr(session, "_inter_actor_queue", False) is None:
+        session._inter_actor_queue = Queue(1, actor_options=beside_this_process())
+    return TuneReportCallback()
 
 
 def end_trial_runs(space_file: SpaceFile, uri: str, experiment_id: str, parent_run_id: str):

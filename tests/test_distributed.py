@@ -197,3 +197,42 @@ def test_use_gpu_on_a_machine_without_one_is_refused_but_a_cluster_may_grow(loca
     with pytest.raises(Asked):
         distributed.run(cfg, log=said.append)
     assert any("wait for the autoscaler" in s for s in said)
+
+
+class RestartingActor:
+    """A refresher actor's handle (no Ray): its next `down` calls fail as while Ray restarts it."""
+
+    def __init__(self):
+        self.down, self.loaded = 0, []
+
+    def __getattr__(self, method):
+        return type("Method", (), {"remote": lambda _, *args: (method, args)})()
+
+    def answer(self, ref):
+        method, args = ref
+        if self.down:
+            self.down -= 1
+            raise ray.exceptions.ActorUnavailableError("restarting", None)
+        if method == "load_state_dict":
+            self.loaded.append(args[0])
+            return 7
+        return {"mapping": "state"} if method == "state_dict" else "answer"
+
+
+def test_a_lost_refresher_is_waited_for_restored_and_given_up_on_after_the_timeout(monkeypatch):
+    """Asynchronous refresh: a call to a refresher that Ray is restarting waits for it (longer
+    than a fixed number of quick retries: a loaded machine or a new node takes a minute), puts the
+    checkpointed state back once, says so; past COMEBACK_TIMEOUT_S it gives up in one line."""
+    actor, lines = RestartingActor(), []
+    monkeypatch.setattr(ray, "get", actor.answer)
+    remote = distributed.RemoteRefresher(actor, log=lines.append)
+    assert remote.state_dict() == {"mapping": "state"}  # the last checkpoint's state
+    actor.down = 4  # the call and the first restore attempts fail
+    assert remote._call("ping") == "answer"
+    assert actor.loaded == [{"mapping": "state"}] and remote.version == 7 and remote.recoveries == 1
+    assert "lost (ActorUnavailableError); waiting up to 600 s" in lines[0]
+    assert "restored from the checkpointed mapping state, version 7" in lines[-1] and len(lines) == 2
+    monkeypatch.setattr(distributed.RemoteRefresher, "COMEBACK_TIMEOUT_S", 0.5)
+    actor.down = 10**6  # never back
+    with pytest.raises(RuntimeError, match="did not come back within"):
+        remote._call("ping")
