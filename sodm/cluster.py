@@ -153,7 +153,38 @@ def init_ray(**kwargs) -> None:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or None
         check_address(address)
+        if address is None and not _machine_head():
+            kwargs = answering_for_itself(kwargs)
         ray.init(address=address, **kwargs)
+
+
+def _machine_head() -> bool:
+    """Whether a `ray start` head runs on this machine (ray.init with no address joins it)."""
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        return find_bootstrap_address(None) is not None
+    except Exception:  # a Ray without that private helper: assume none
+        return False
+
+
+def answering_for_itself(kwargs: dict) -> dict:
+    """ray.init arguments for a local instance whose own processes find its dashboard when
+    another Ray runs on the machine. Ray Train V2's placement-group cleaner asks the state API
+    about its controller with no address; the state client then looks for "the" Ray of the
+    machine and fails with two ("Found multiple active Ray instances"), so a trial that Tune
+    stops or pauses never gives back its placement group and later trials wait forever. The state
+    client reads RAY_API_SERVER_ADDRESS first: the dashboard goes on a port chosen here, and the
+    job's processes get that variable."""
+    if kwargs.get("include_dashboard") is False:
+        return kwargs
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runtime_env = dict(kwargs.get("runtime_env") or {})
+    runtime_env["env_vars"] = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+                               **runtime_env.get("env_vars", {})}
+    return {"dashboard_host": "127.0.0.1", "dashboard_port": port, **kwargs, "runtime_env": runtime_env}
 
 
 def beside_this_process() -> dict:

@@ -285,3 +285,54 @@ def test_an_unreachable_cluster_is_one_line(monkeypatch, tmp_path, capsys):
                                         "--out-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and "unreachable" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_a_local_ray_answers_for_itself_beside_another_on_the_machine(monkeypatch):
+    """A Ray started by another process on this machine (a notebook's ray.init, another search):
+    the one sodm starts still answers its own processes' state queries with no address, as Ray
+    Train V2's placement-group cleaner makes them (without that, "Found multiple active Ray
+    instances", and a trial that Tune stops never gives its resources back)."""
+    import subprocess
+    import sys
+
+    import ray
+
+    from sodm.cluster import init_ray
+
+    # auth off, as the suite's other in-process Rays have it: a process keeps the auth mode of
+    # its first ray.init, and a later Ray of this test process started with another one
+    # cancelled its actors
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    env = dict(os.environ)
+    other = subprocess.Popen([sys.executable, "-c", "import ray, sys; ray.init(num_cpus=1, "
+                              "include_dashboard=False); print('up', flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert other.stdout.readline().strip() == "up"
+        init_ray(num_cpus=1)
+        try:
+            @ray.remote(num_cpus=0)
+            class Probe:
+                def ping(self):
+                    return "pong"
+
+            @ray.remote(num_cpus=0)
+            def state_of(actor_id: str) -> str:  # no address, as the cleaner asks
+                from ray.util.state import get_actor
+
+                return get_actor(actor_id, timeout=30).state
+
+            probe = Probe.remote()
+            assert ray.get(probe.ping.remote()) == "pong"
+            assert ray.get(state_of.remote(probe._actor_id.hex()), timeout=120) == "ALIVE"
+        finally:
+            ray.shutdown()
+    finally:
+        other.stdin.close()
+        try:
+            other.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            other.kill()
