@@ -145,6 +145,13 @@ def check_address(address: str | None, timeout: float = 5.0) -> None:
         raise ClusterError(f"the Ray cluster at {address} is unreachable ({e.strerror or e})") from None
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_ray(**kwargs) -> None:
     """Join the cluster at RAY_ADDRESS when set; otherwise start a local instance. (Ray is
     imported here, not at the top: the commands that never start Ray stay quick to start.)"""
@@ -178,9 +185,7 @@ def answering_for_itself(kwargs: dict) -> dict:
     job's processes get that variable."""
     if kwargs.get("include_dashboard") is False:
         return kwargs
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     runtime_env = dict(kwargs.get("runtime_env") or {})
     runtime_env["env_vars"] = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
                                **runtime_env.get("env_vars", {})}

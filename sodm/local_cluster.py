@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,15 +32,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sodm.cluster import free_port
+
 # A node is declared dead after about failure_threshold x period once it stops answering.
 FAST_HEALTH_CHECK = {"RAY_health_check_failure_threshold": "3", "RAY_health_check_period_ms": "1000",
                      "RAY_health_check_timeout_ms": "1000", "RAY_health_check_initial_delay_ms": "1000"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -1,4 +1,3 @@
-import socket
 import sys
 
 import pytest
@@ -34,11 +33,9 @@ def digits_checkpoint(tmp_path_factory):
 @pytest.fixture
 def free_port():
     """A function giving a TCP port free on 127.0.0.1 (for servers a test starts)."""
-    def pick() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-    return pick
+    from sodm.cluster import free_port
+
+    return free_port
 
 
 @pytest.fixture(autouse=True)
