@@ -67,16 +67,19 @@ class LocalCluster:
                if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
         env.update(HOME=str(self.home), RAY_USAGE_STATS_ENABLED="0",
                    PATH=f"{self.bin}{os.pathsep}{env.get('PATH', '')}", **(extra_env or {}))
-        self.env = {**env, "RAY_AUTH_MODE": "token"}  # a client's: sends ~/.ray/auth_token
         self.nodes: list[Node] = []
         self.port = free_port()
+        dash = free_port()
+        # every process of the cluster asks its own dashboard for state (Train's placement-group
+        # cleaner asks with no address, and another Ray on the machine makes that ambiguous)
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dash}"
+        self.env = {**env, "RAY_AUTH_MODE": "token"}  # a client's: sends ~/.ray/auth_token
         self.dashboard = ""
         made = subprocess.run([str(self.bin / "ray"), "get-auth-token", "--generate"], env=env,
                               capture_output=True, text=True, timeout=120)
         if made.returncode != 0:
             raise RuntimeError(f"ray get-auth-token --generate failed: {made.stderr[-2000:]}")
         self.token = (self.home / ".ray" / "auth_token").read_text().strip()
-        dash = free_port()
         self._start("head", head_cpus, ["--head", f"--port={self.port}", f"--dashboard-port={dash}",
                                         "--dashboard-host=127.0.0.1",
                                         f"--ray-client-server-port={free_port()}"],

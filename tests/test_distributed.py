@@ -29,7 +29,10 @@ FAST = dict(dataset="digits", num_workers=2, progress=False, eval_count=100, acr
 def local_ray():
     old = {k: os.environ.get(k) for k in QUIET}
     os.environ.update(QUIET)
-    ray.init(num_cpus=4, logging_level=logging.WARNING, include_dashboard=True)
+    from sodm.cluster import answering_for_itself  # another Ray may run on the machine
+
+    ray.init(**answering_for_itself(dict(num_cpus=4, logging_level=logging.WARNING,
+                                         include_dashboard=True)))
     yield
     ray.shutdown()
     for k, v in old.items():
