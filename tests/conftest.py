@@ -52,3 +52,22 @@ def no_ray_left_running():
     if not before and ray is not None and ray.is_initialized():
         ray.shutdown()
         pytest.fail("this test left a Ray instance running in the test process; shut it down")
+
+
+# The longest runs' files first: under pytest-xdist (the README's `-n 2 --dist loadfile`: each
+# file on one worker, so that a module's Ray or cluster is made once) the two workers start with
+# them and the short files fill in after. Most of a Ray run is waiting on one process at a time
+# (a worker starting, importing, registering), not computing, so two at once on two cores overlap
+# their waits (docs/reliability.md: three at once did not, they fought over the CPU).
+LONGEST_FIRST = ("tests/test_tune.py::test_a_pbt_search_clones_mutates_and_resumes",  # ~270 s
+                 "tests/test_multinode.py::",  # ~350 s
+                 "tests/test_distributed.py::",  # ~220 s
+                 "tests/test_mlflow.py::test_a_search_browsed_through_a_tracking_server")  # ~140 s
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        return next((i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)),
+                    len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: each file's own order is kept
