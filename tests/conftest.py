@@ -1,3 +1,4 @@
+import os
 import sys
 
 import pytest
@@ -6,6 +7,15 @@ import torch
 from sodm.checkpoint import save_checkpoint
 from sodm.data import dataset_info, load_dataset
 from sodm.models import build_model, describe_model
+
+
+# Every Ray this test process starts has token auth off. A process keeps the auth mode of its
+# first ray.init (Ray turns token auth on and leaves RAY_AUTH_MODE=token in os.environ), and a
+# later Ray of the same process started with auth off never runs its actors ("cancelled before it
+# started running"); under pytest-xdist a worker runs the test files in an order of its own, so
+# no test may count on being the first. The cluster tests run their token-auth Rays in processes
+# of their own (sodm.local_cluster).
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
 @pytest.fixture(scope="session")
