@@ -66,9 +66,9 @@ def no_ray_left_running():
 
 # The longest runs' files first: under pytest-xdist (the README's `-n 2 --dist loadfile`: each
 # file on one worker, so that a module's Ray or cluster is made once) the two workers start with
-# them and the short files fill in after. Most of a Ray run is waiting on one process at a time
-# (a worker starting, importing, registering), not computing, so two at once on two cores overlap
-# their waits (docs/reliability.md: three at once did not, they fought over the CPU).
+# them and the short files fill in after, so that neither worker ends alone with a long run. A
+# Ray run leaves a core idle while one of its processes starts; the other file fills it
+# (docs/reliability.md: three at once fought over the two cores and took longer).
 LONGEST_FIRST = ("tests/test_tune.py::test_a_pbt_search_clones_mutates_and_resumes",  # ~270 s
                  "tests/test_multinode.py::",  # ~350 s
                  "tests/test_distributed.py::",  # ~220 s
