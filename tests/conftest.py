@@ -72,7 +72,7 @@ def no_ray_left_running():
 LONGEST_FIRST = ("tests/test_tune.py::test_a_pbt_search_clones_mutates_and_resumes",  # ~270 s
                  "tests/test_multinode.py::",  # ~350 s
                  "tests/test_distributed.py::",  # ~220 s
-                 "tests/test_mlflow.py::test_a_search_browsed_through_a_tracking_server")  # ~140 s
+                 "tests/test_mlflow.py::test_a_trial_the_scheduler_stops")  # ~60 s
 
 
 def pytest_collection_modifyitems(config, items):

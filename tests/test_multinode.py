@@ -1,8 +1,10 @@
 """sodm on a Ray cluster of several nodes (sodm.local_cluster: a head and worker nodes on this
 machine, each its own raylet, object store, workers and temp dir; token auth on; an MLflow
 tracking server as the store), the search submitted with `ray job submit`, and nodes lost
-mid-search: their whole process group SIGKILLed, as a spot machine goes."""
+mid-search: their whole process group SIGKILLed, as a spot machine goes. The finished search is
+then browsed through that server (REST, artifacts served through it), as the UI and a team do."""
 
+import csv
 import re
 import shutil
 import subprocess
@@ -12,8 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from sodm import analyze, cli, report
+from sodm import certify as certify_mod
+from sodm.checkpoint import load_checkpoint, model_from_checkpoint
 from sodm.local_cluster import LocalCluster, MLflowServer
 from sodm.space import TUNE_SPACES
 
@@ -119,7 +125,7 @@ SMOKE_HERE = {"epochs": EPOCHS, "train_subset": 256, "eval_count": 40, "acr_quic
               "search.max_failures": 3, "resources.worker_cpus": 1.5, "resources.trial_cpus": 1,
               "resources.refresher_cpus": 0.5, "resources.refresher_placement": "spread",
               "final.n0": 10, "final.n": 100, "final.skip": 90, "final.max": 4,
-              "final.batch": 100, "mlflow.experiment": "nodes"}
+              "final.batch": 100, "mlflow.experiment": "nodes", "mlflow.system_metrics_interval": 1}
 
 
 def test_a_search_on_four_nodes_loses_three_stops_resumes_and_finishes(cluster, tmp_path):
@@ -250,6 +256,76 @@ def test_a_search_on_four_nodes_loses_three_stops_resumes_and_finishes(cluster, 
     if any("refresher" in roles and "driver" not in roles for _, _, roles in kills):
         assert "restored from the checkpointed" in logs, f"{kills}\n{recovery}"
         assert "mapping refresher lost" in logs, f"{kills}\n{recovery}"  # and said it waited
+    browse(uri, tmp_path, logs, parents[0], children)
+
+
+def rows_without_time(path: Path) -> list[list[str]]:
+    return [line.split("\t")[:-1] for line in path.read_text().splitlines()]
+
+
+def browse(uri: str, tmp_path: Path, logs: str, parent, children: list) -> None:
+    """The finished search, as its users meet it through the tracking server: the console names
+    each trial by its values; every run has its source tags, each trial its data inputs and system
+    metrics; the best trial is tagged on the parent, registered, loads and predicts as its
+    checkpoint, and the certify CLI takes the registered model and gives its file's rows; the
+    parent's pictures name every trial, its table lists them; sodm.report gives sodm.analyze's
+    table for the same certifications."""
+    import mlflow
+
+    c = mlflow.MlflowClient(tracking_uri=uri)
+    trials = {r.data.tags["sodm.trial_id"]: r for r in children}
+    for tid in trials:
+        assert f"trial {tid} (beta=" in logs, tid
+    for r in [parent, *children]:
+        assert r.data.tags["mlflow.source.name"] == "sodm.tune" and r.data.tags["mlflow.user"]
+    for r in children:
+        contexts = {i.tags[0].value for i in r.inputs.dataset_inputs}
+        assert {"train", "validation", "test"} <= contexts, contexts
+        assert "system/cpu_utilization_percentage" in r.data.metrics, sorted(r.data.metrics)
+
+    best = c.get_run(parent.data.tags["best_run_id"])
+    assert best.info.run_id == max(children, key=lambda r: r.data.metrics["acr"]).info.run_id
+    assert parent.data.metrics["best_acr"] == best.data.metrics["acr"]
+    assert parent.data.tags["registered_model"] == "models:/sodm-smoke/1"
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pytorch.load_model("models:/sodm-smoke/1")
+    local = tmp_path / "results" / "smoke" / "trials" / best.data.tags["sodm.trial_id"] / "checkpoint.pt"
+    x = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model_from_checkpoint(load_checkpoint(local))(x))
+    by_model, by_file = tmp_path / "model.tsv", tmp_path / "file.tsv"
+    common = ["--max", "4", "--skip", "30", "--n0", "20", "--n", "200", "--no-progress"]
+    for source, out in (("models:/sodm-smoke/1", by_model), (str(local), by_file)):
+        code = cli.run(certify_mod.main, "sodm.certify",
+                       ["--checkpoint", source, "--out", str(out), "--mlflow-uri", uri, *common])
+        assert code == 0, source
+    assert rows_without_time(by_model) == rows_without_time(by_file)
+
+    dst = tmp_path / "parent"
+    for name in ("certified_accuracy.png", "selection_per_epoch.png"):
+        data = Path(c.download_artifacts(parent.info.run_id, name, str(dst))).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        for tid in trials:
+            assert f"trial {tid}".encode() in data, name
+    table = list(csv.DictReader(open(c.download_artifacts(parent.info.run_id, "trials.csv", str(dst)))))
+    assert sorted(row["trial"] for row in table) == sorted(trials), table
+    assert {row["status"] for row in table} == {"FINISHED"}
+
+    tsvs = [Path(c.download_artifacts(r.info.run_id, "certification/certify.tsv",
+                                      str(tmp_path / "tsv" / r.info.run_name))) for r in children]
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()) as via_report:
+        assert cli.run(report.main, "sodm.report", ["--experiment", "nodes", "--mlflow-uri", uri,
+                                                    "--out", str(tmp_path / "report")]) == 0
+    with contextlib.redirect_stdout(io.StringIO()) as via_analyze:
+        assert cli.run(analyze.main, "sodm.analyze", ["--markdown", "--no-plot", *map(str, tsvs)]) == 0
+    rows = [sorted(line.split("|", 2)[2] for line in out.getvalue().splitlines()[2:])
+            for out in (via_report, via_analyze)]
+    assert rows[0] == rows[1] and rows[0], rows
+    assert (tmp_path / "report" / "curves.png").read_bytes().startswith(b"\x89PNG")
+    assert "| trial-" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_storage_the_nodes_do_not_share_is_one_line_before_any_trial(cluster, tmp_path):
