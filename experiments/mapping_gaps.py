@@ -14,9 +14,11 @@ the refreshed affine, MLP and temperature mappings and the static softmax:
 Every epoch of every run logs the four gaps of sodm.gaps (mapping_gap, softmax_gap and their
 radius versions) on --gap-probe-count validation images, with the p_A distribution, in
 <out>/<setting>-<mapping>/metrics.jsonl. `--phase report` writes <out>/gaps.md (the gaps of
-every epoch of every run) and gaps.png, and, for Table 1's models certified by cifar10_claims.py
-(--claims, its --out), p_a.png (their certified lower bounds on p_A) and p_a.md (their p_A
-quantiles and plug-in certified accuracy on the validation split, at their certification's N).
+every epoch of every run) and gaps.png, and, for the certified models (Table 1's, certified by
+cifar10_claims.py under --claims, its --out, and this experiment's own runs after `--phase
+certify`, which certifies each run's last epoch on the test images), p_a.png (their certified
+lower bounds on p_A) and p_a.md (their p_A quantiles and plug-in certified accuracy on the
+validation split, at their certification's N).
 
     python experiments/mapping_gaps.py --data-dir ../shared/data/cifar10-jpeg --out experiments/out-gaps \\
         --claims experiments/out-claims --phase train    # run again to continue: each run resumes
@@ -39,6 +41,7 @@ from pathlib import Path
 
 from cifar10_claims import run_settings  # beside this file
 
+from sodm.certify import CertifySettings, certify_run
 from sodm.checkpoint import load_checkpoint, model_from_checkpoint, run_config
 from sodm.config import TrainConfig, make_config
 from sodm.gaps import GAP_KEYS
@@ -94,12 +97,21 @@ def gaps_report(args, runs: dict[str, TrainConfig]) -> str:
     return "\n".join(lines)
 
 
-def p_a_report(args) -> str:
-    """Table 1's certified models: p_a.png from their rows, and their validation p_A (the
-    per-epoch metrics' draws, at each model's own certification N and alpha) as Markdown."""
+def certify_settings(args) -> CertifySettings:
+    """--phase certify: the test images (every --cert-skip-th, at most --cert-max), seen by
+    nothing before it; CERTIFY with n0 100, N --cert-n, alpha 0.001."""
+    return CertifySettings(n0=100, n=args.cert_n, alpha=0.001, skip=args.cert_skip,
+                           max=args.cert_max, seed=args.seed)
+
+
+def p_a_report(args, runs: dict[str, TrainConfig]) -> str:
+    """Table 1's certified models (cifar10_claims.py's, under --claims) and this experiment's own
+    certified runs: p_a.png from their rows, and their validation p_A (the per-epoch metrics'
+    draws, at each model's own certification N and alpha) as Markdown."""
     rows, sigmas, lines = {}, {}, []
-    for name in TABLE1_MODELS:
-        run_dir = args.claims / name
+    dirs = {**{name: args.claims / name for name in TABLE1_MODELS},
+            **{name: Path(cfg.out_dir) for name, cfg in runs.items()}}
+    for name, run_dir in dirs.items():
         if not (run_dir / "certify.tsv").exists():
             continue
         rows[name] = read_results(run_dir / "certify.tsv")
@@ -114,7 +126,7 @@ def p_a_report(args) -> str:
             lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
         lines.append(f"| {name} | " + " | ".join(f"{found[k]:.3f}" for k in keys) + " |")
     if rows:
-        p_a_distribution_curve(rows, sigmas, args.out / "p_a.png", title="Table 1's models")
+        p_a_distribution_curve(rows, sigmas, args.out / "p_a.png", title="certified models")
     return "\n".join(lines)
 
 
@@ -131,7 +143,10 @@ def main():
     p.add_argument("--settings", nargs="+", choices=("table1", "best"), default=["table1", "best"])
     p.add_argument("--mappings", nargs="+", choices=MAPPINGS, default=list(MAPPINGS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--phase", choices=("train", "report"), default="train")
+    p.add_argument("--phase", choices=("train", "certify", "report"), default="train")
+    p.add_argument("--cert-n", type=int, default=10_000, help="--phase certify: CERTIFY's N")
+    p.add_argument("--cert-skip", type=int, default=50, help="--phase certify: every skip-th test image")
+    p.add_argument("--cert-max", type=int, default=200, help="--phase certify: at most this many")
     p.add_argument("--toy", action="store_true", help="digits, two epochs: a check of the script")
     args = p.parse_args()
     if not args.toy and not args.data_dir:
@@ -144,11 +159,20 @@ def main():
             train(cfg, resume=(Path(cfg.out_dir) / "checkpoint.pt").exists(), certify=False,
                   log=lambda s: print(s, flush=True))
         return
+    if args.phase == "certify":  # each run's last epoch (no epoch is chosen) on the test images
+        for name, cfg in runs.items():
+            ckpt = Path(cfg.out_dir) / "checkpoint.pt"
+            if not ckpt.exists():
+                print(f"== {name}: not trained, skipped", flush=True)
+                continue
+            certify_run(ckpt, certify_settings(args), Path(cfg.out_dir), name,
+                        lambda s: print(s, flush=True), device="cpu", progress=False)
+        return
     report = f"# Mapping gaps\n\n{gaps_report(args, runs)}\n\n![gaps](gaps.png)\n"
     (args.out / "gaps.md").write_text(report)
     print(report)
-    if table := p_a_report(args):
-        (args.out / "p_a.md").write_text(f"# Table 1's models: p_A on validation\n\n{table}\n\n![p_A](p_a.png)\n")
+    if table := p_a_report(args, runs):
+        (args.out / "p_a.md").write_text(f"# Certified models: p_A on validation\n\n{table}\n\n![p_A](p_a.png)\n")
         print(table)
 
 
