@@ -54,13 +54,17 @@ def wait_for_job(address: str, token: str, job_id: str, timeout: float = 600):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head (no CPUs: it runs the job's driver only) and four worker nodes of 2 CPUs, and an
-    MLflow server; shut down at the end, and only these processes."""
+    """A head (no CPUs: it runs the job's driver only) and five worker nodes of 2 CPUs, and an
+    MLflow server; shut down at the end, and only these processes. The two trials need 6 of the
+    CPUs; the fifth node is the slack that spread placement needs: each Train worker (1.5 CPUs)
+    must land on a node that is not its own refresher's, and Ray places one request at a time,
+    so on four nodes an unlucky order left a worker no node it could use and the resumed search
+    waited for it until the test's timeout (a clean-clone run, 2026-12-03)."""
     root = Path(tempfile.mkdtemp(prefix="mn", dir="/tmp"))  # short: Ray's socket paths
     try:
         with LocalCluster(root, extra_env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}) as c, \
                 MLflowServer(root / "mlflow") as server:
-            for _ in range(4):
+            for _ in range(5):
                 c.add_node(cpus=2)
             c.mlflow = server
             yield c
