@@ -58,8 +58,9 @@ def cluster():
     MLflow server; shut down at the end, and only these processes. The two trials need 6 of the
     CPUs; the fifth node is the slack that spread placement needs: each Train worker (1.5 CPUs)
     must land on a node that is not its own refresher's, and Ray places one request at a time,
-    so on four nodes an unlucky order left a worker no node it could use and the resumed search
-    waited for it until the test's timeout (a clean-clone run, 2026-12-03)."""
+    so on four nodes an unlucky order can leave a worker no node it may use (most likely what
+    made the resumed search of a clean-clone run, 2026-12-03, wait for its workers until the
+    test's timeout)."""
     root = Path(tempfile.mkdtemp(prefix="mn", dir="/tmp"))  # short: Ray's socket paths
     try:
         with LocalCluster(root, extra_env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}) as c, \
@@ -132,10 +133,10 @@ SMOKE_HERE = {"epochs": EPOCHS, "train_subset": 256, "eval_count": 40, "acr_quic
               "final.batch": 100, "mlflow.experiment": "nodes", "mlflow.system_metrics_interval": 1}
 
 
-def test_a_search_on_four_nodes_loses_three_stops_resumes_and_finishes(cluster, tmp_path):
+def test_a_search_on_five_nodes_loses_three_stops_resumes_and_finishes(cluster, tmp_path):
     """cluster/README.md's submission, literally: from a folder that is not the repository, the
     space by bare name (found in the installed package), token auth on; a client without the
-    token, or with a wrong one, is refused. On four worker nodes, the refresher spread apart
+    token, or with a wrong one, is refused. On five worker nodes, the refresher spread apart
     from its Train workers, a Train worker's node, a trial driver's node and a refresher's node
     are lost (in two or three losses: a node may run two of them; each replaced by a fresh node,
     as an autoscaler would): Ray Train restarts
