@@ -119,7 +119,7 @@ SPACE = {
 
 
 @pytest.mark.slow
-def test_a_trial_the_scheduler_stops_ends_killed_and_says_why(tmp_path):
+def test_a_trial_the_scheduler_stops_ends_killed_and_says_why(tmp_path, monkeypatch):
     """Tune's own search (sodm.tune's tuner, its trial function, ASHA): the trial the scheduler
     stops at a rung has its MLflow run ended KILLED, with the reason, by the search driver's
     callback; the other ends FINISHED. (What a finished search shows through a tracking server
@@ -138,8 +138,8 @@ def test_a_trial_the_scheduler_stops_ends_killed_and_says_why(tmp_path):
     uri = tracking.resolve_uri(str(tmp_path / "mlflow.db"))
     experiment_id = tracking.ensure_experiment(uri, "two")
     parent = tracking.start_run(uri, experiment_id, "two")
-    old = {k: os.environ.get(k) for k in QUIET}
-    os.environ.update(QUIET)
+    for k, v in QUIET.items():  # put back by monkeypatch at the end
+        monkeypatch.setenv(k, v)
     ray.init(**answering_for_itself(dict(num_cpus=2, logging_level=logging.WARNING,
                                          include_dashboard=True)))
     try:
@@ -148,11 +148,6 @@ def test_a_trial_the_scheduler_stops_ends_killed_and_says_why(tmp_path):
         grid = tuner.fit()
     finally:
         ray.shutdown()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     assert not grid.errors, grid.errors
     c = mlflow.MlflowClient(tracking_uri=uri)
     children = {r.data.params["lr"]: r for r in c.search_runs([experiment_id])
