@@ -30,7 +30,8 @@ from sodm.data import VALIDATION_SEED, DataError, dataset_info, load_dataset, su
 from sodm.fastpath import COMPILE_AUTO_SAMPLES, COMPILE_MODES, certify_batch, compile_pays, inference_model, native_bf16
 from sodm.metrics import ADAPTIVE_COLUMNS, COLUMNS, Results, format_table, read_results, summary
 from sodm.plots import certified_accuracy_curve
-from sodm.smoothing import Smooth, can_ever_certify, noise_generator, typical_radius
+from sodm.smoothing import (N_STEP, PILOT_CONFIDENCE, PILOT_GROWTH, Smooth, can_ever_certify,
+                            noise_generator, typical_radius)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The field's usual certified subset: every `cohen_skip`-th test image of the data set (20 for
@@ -257,6 +258,12 @@ def provenance(**fields: Any) -> dict[str, Any]:
             "python": platform.python_version()}
 
 
+def adaptive_rule() -> dict[str, float]:
+    """The constants by which adaptive CERTIFY chooses each image's N (sodm.smoothing): they decide
+    how many samples an image gets, never its certificate, so a resume does not compare them."""
+    return {"pilot_confidence": PILOT_CONFIDENCE, "n_step": N_STEP, "pilot_growth": PILOT_GROWTH}
+
+
 def write_provenance(out: Path, record: dict[str, Any]) -> Path:
     """Write `<out>.json`; on resume it must describe the same certification as before."""
     path = out.with_name(out.name + ".json")
@@ -269,7 +276,9 @@ def write_provenance(out: Path, record: dict[str, Any]) -> Path:
             raise cli.UsageError(f"{out} was certified with other settings ({', '.join(diff)} "
                                  "differ); choose another --out or remove it to start over")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")  # a crash mid-write leaves the old record whole
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
     return path
 
 
@@ -369,6 +378,7 @@ def certify_checkpoint(checkpoint: Path, settings: CertifySettings, out: Path, *
         n0=settings.n0, n=settings.n, alpha=settings.alpha, sigma=sigma, batch=settings.batch,
         dtype=settings.dtype, seed=settings.seed, adaptive=settings.adaptive,
         max_radius_loss=settings.max_radius_loss if settings.adaptive else None,
+        adaptive_rule=adaptive_rule() if settings.adaptive else None,
         device=where, path=path))
     if num_workers:
         job = {"checkpoint_bytes": checkpoint.read_bytes(), "dataset": name, "split": split,

@@ -27,7 +27,7 @@ def test_certify_writes_rows_provenance_and_resumes(digits_checkpoint, tmp_path,
     assert record["n"] == 500 and record["subset"]["skip"] == 36 and record["dtype"] == "fp32"
     assert record["path"] == {"fold_batchnorm": True, "channels_last": True, "compile": False,
                               "dtype": "fp32"}  # the fast exact-math path, recorded
-    assert len(record["checkpoint_sha256"]) == 64
+    assert len(record["checkpoint_sha256"]) == 64 and record["adaptive_rule"] is None
     assert "ACR" in capsys.readouterr().out
 
     # Simulate a crash: keep 4 rows and a fifth cut inside its last (time) field, then run again.
@@ -154,6 +154,8 @@ def test_adaptive_certification_columns_provenance_and_resume(digits_checkpoint,
     assert ((first.n >= 50) & (first.n <= 200 + 2000)).all()
     record = json.loads((tmp_path / "ad.tsv.json").read_text())
     assert record["adaptive"] is True and record["max_radius_loss"] == 0.01 and record["n"] == 2000
+    assert record["adaptive_rule"] == {"pilot_confidence": 0.99, "n_step": 2 ** 0.5, "pilot_growth": 8}
+    assert not (tmp_path / "ad.tsv.json.tmp").exists()
     assert "[adaptive]" in capsys.readouterr().out
 
     # cut after four rows and a torn fifth: resumed, the same rows
