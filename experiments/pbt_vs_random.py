@@ -114,10 +114,15 @@ def main(argv=None) -> int:
     p.add_argument("--init", action="append", default=[], metavar="SEED=CHECKPOINT",
                    help="the Gaussian start for a seed (trained with that seed)")
     p.add_argument("--seeds", default="0,1")
+    p.add_argument("--searches", default="random,pbt",
+                   help="which searches, in this order (each seed: every search before the next seed)")
     p.add_argument("--out", default=str(ROOT / "experiments" / "out-pbt"))
     p.add_argument("--toy", action="store_true", help="digits, a few minutes: the plumbing only")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
+    kinds = [k.strip() for k in args.searches.split(",")]
+    if set(kinds) - set(SPACES) or not kinds:
+        p.error(f"--searches: a comma-separated list of {', '.join(SPACES)}, not {args.searches!r}")
     args.inits = {int(k): str(Path(v).resolve()) for k, v in (i.split("=", 1) for i in args.init)}
     if not args.toy and (not args.data or set(seeds) - set(args.inits)):
         p.error("--data and an --init SEED=CHECKPOINT for every seed (or --toy)")
@@ -130,7 +135,7 @@ def main(argv=None) -> int:
         print(f"pbt_vs_random: {line}", flush=True)
 
     for seed in seeds:
-        for kind in ("random", "pbt"):
+        for kind in kinds:
             name = f"{kind}-s{seed}"
             if name in results:
                 log(f"{name}: done before (results.json)")
