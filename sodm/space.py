@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sodm import cli
 from sodm.certify import CertifySettings
@@ -110,11 +110,20 @@ class Search(Strict):
                                         "mutated value is drawn afresh, not perturbed (x1.2, x0.8)")
     synch: bool = Field(False, description="PBT: every trial waits for the others at each "
                         "exploit (Ray's synchronous PBT: each pauses and restarts then)")
-    max_concurrent_trials: int = Field(1, ge=1)
+    # How many trials run at once (default 1). For pbt/pb2 the default is the whole population:
+    # Tune makes a trial only when a slot is free, so fewer slots would split the population into
+    # groups that never meet; the cluster's resources decide how many run, PBT pausing the rest.
+    max_concurrent_trials: Optional[int] = Field(None, ge=1)
     # Points evaluated first (the paper's settings, typically): a value for every searched key.
     points_to_evaluate: list[dict[str, Any]] = []
     max_failures: int = Field(2, ge=0, description="times a failed trial (say its driver's node "
                               "was lost) is relaunched; it resumes from its checkpoint")
+
+    @model_validator(mode="after")
+    def _concurrency(self) -> "Search":
+        if self.max_concurrent_trials is None:
+            self.max_concurrent_trials = self.num_samples if self.scheduler in POPULATION_BASED else 1
+        return self
 
 
 class TrialResources(Resources):
@@ -314,6 +323,12 @@ def check_population_based(path: Path, space_file: SpaceFile) -> None:
     if s.num_samples < 2:
         raise SpaceError(f"{path}: search.num_samples: {s.scheduler} needs a population of at "
                          f"least 2 trials, got {s.num_samples}")
+    if s.max_concurrent_trials < s.num_samples:
+        raise SpaceError(f"{path}: search.max_concurrent_trials: {s.max_concurrent_trials} splits the "
+                         f"population of {s.num_samples} (Tune makes a trial only when a slot is free, "
+                         f"so {s.scheduler} would compare {s.max_concurrent_trials} at a time and "
+                         "never pause one for another): leave it out, and the cluster's resources "
+                         f"decide how many run at once while {s.scheduler} pauses the rest")
     epochs = space_file.trial_config({}, "/tmp/sodm-validate").epochs
     if s.perturbation_interval >= epochs:
         raise SpaceError(f"{path}: search.perturbation_interval: {s.perturbation_interval} epochs "

@@ -291,6 +291,7 @@ PBT = {**GOOD, "search": {"scheduler": "pbt", "num_samples": 4, "perturbation_in
     ({"mutate": []}, "search.mutate: empty"),
     ({"scheduler": "pb2", "mutate": ["m"]}, "search.mutate: m: pb2 mutates ranges only"),
     ({"quantile_fraction": 0.75}, "search.quantile_fraction"),
+    ({"max_concurrent_trials": 2}, "search.max_concurrent_trials: 2 splits the population of 4"),
 ])
 def test_bad_pbt_settings_are_answered_in_one_line(tmp_path, capsys, search, message):
     doc = {**PBT, "search": {**PBT["search"], **search}}
@@ -298,6 +299,19 @@ def test_bad_pbt_settings_are_answered_in_one_line(tmp_path, capsys, search, mes
     assert cli.run(tune.main, "sodm.tune", ["--space", str(path), "--check"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and message in err, err
+
+
+def test_a_population_exists_whole_and_takes_turns_on_a_small_cluster(tmp_path, capsys):
+    """Tune makes a trial only when a slot is free: a PBT population must have a slot for every
+    member (by default), and --fit shows how many of it run at once on the nodes there are."""
+    assert tune.load_space(str(write(tmp_path, PBT)))[1].search.max_concurrent_trials == 4
+    assert tune.load_space(str(write(tmp_path, GOOD, "fifo.yaml")))[1].search.max_concurrent_trials == 1
+    # GOOD's resources (a 1-CPU worker and a driver) on two 2-CPU nodes: not all four at once
+    assert cli.run(tune.main, "sodm.tune", ["--space", str(write(tmp_path, PBT, "p.yaml")),
+                                            "--fit", "CPU=2", "--max-nodes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "concurrent trials (of a population of 4: pbt pauses the rest)" in out, out
+    assert "(at most 2)" in out and "node 3" not in out
 
 
 def test_a_mapping_cannot_mutate_and_pbt_builds_with_clamped_mutations(tmp_path):
