@@ -110,9 +110,10 @@ class Search(Strict):
                                         "mutated value is drawn afresh, not perturbed (x1.2, x0.8)")
     synch: bool = Field(False, description="PBT: every trial waits for the others at each "
                         "exploit (Ray's synchronous PBT: each pauses and restarts then)")
-    # How many trials run at once (default 1). For pbt/pb2 the default is the whole population:
-    # Tune makes a trial only when a slot is free, so fewer slots would split the population into
-    # groups that never meet; the cluster's resources decide how many run, PBT pausing the rest.
+    # How many trials run at once (default 1). For pbt/pb2 it is the whole population: Tune makes
+    # a trial only when a slot is free, so fewer slots would split the population into groups
+    # that never meet, and Tune cannot take turns on its own (it does not see the resources of a
+    # trial's Ray Train workers, only its driver's), so every member must fit the cluster at once.
     max_concurrent_trials: Optional[int] = Field(None, ge=1)
     # Points evaluated first (the paper's settings, typically): a value for every searched key.
     points_to_evaluate: list[dict[str, Any]] = []
@@ -325,10 +326,9 @@ def check_population_based(path: Path, space_file: SpaceFile) -> None:
                          f"least 2 trials, got {s.num_samples}")
     if s.max_concurrent_trials < s.num_samples:
         raise SpaceError(f"{path}: search.max_concurrent_trials: {s.max_concurrent_trials} splits the "
-                         f"population of {s.num_samples} (Tune makes a trial only when a slot is free, "
-                         f"so {s.scheduler} would compare {s.max_concurrent_trials} at a time and "
-                         "never pause one for another): leave it out, and the cluster's resources "
-                         f"decide how many run at once while {s.scheduler} pauses the rest")
+                         f"population of {s.num_samples} into groups that never meet (Tune makes a "
+                         "trial only when a slot is free): leave it out, and give each trial the "
+                         f"resource shares that let all {s.num_samples} run at once (--fit shows it)")
     epochs = space_file.trial_config({}, "/tmp/sodm-validate").epochs
     if s.perturbation_interval >= epochs:
         raise SpaceError(f"{path}: search.perturbation_interval: {s.perturbation_interval} epochs "

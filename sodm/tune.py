@@ -256,34 +256,25 @@ def trial_bundles(space_file: SpaceFile) -> tuple[list[dict], list[dict]]:
 
 def fit_report(path: Path, space_file: SpaceFile, node: dict[str, float], max_nodes: int) -> None:
     """--fit: print where the space's concurrent trials land on nodes of shape `node` (first fit,
-    in the order Ray makes the groups); raises UsageError when they need over max_nodes. A pbt/pb2
-    population larger than max_nodes hold runs in turns: the most that fit are shown."""
-    def place(count: int) -> list[dict]:
-        try:
-            return place_trials([trial_bundles(space_file)] * count, node,
-                                spread=space_file.resources.refresher_placement == "spread")
-        except ValueError as e:
-            raise cli.UsageError(f"{path.name}: {e}") from None
-
+    in the order Ray makes the groups); raises UsageError when they need over max_nodes (for
+    pbt/pb2, the whole population runs at once)."""
     count = space_file.search.max_concurrent_trials
-    nodes = place(count)
-    paused = ""
-    if space_file.population_based():  # a population larger than the cluster takes turns
-        while len(nodes) > max_nodes and count > 1:
-            count -= 1
-            nodes = place(count)
-        if count < space_file.search.num_samples:
-            paused = (f" (of a population of {space_file.search.num_samples}: "
-                      f"{space_file.search.scheduler} pauses the rest)")
-    lines = [f"{path.name}: {count} concurrent trials{paused} on nodes of {format_bundle(node)}: "
-             f"{len(nodes)} nodes (at most {max_nodes})"]
+    try:
+        nodes = place_trials([trial_bundles(space_file)] * count, node,
+                             spread=space_file.resources.refresher_placement == "spread")
+    except ValueError as e:
+        raise cli.UsageError(f"{path.name}: {e}") from None
+    population = space_file.population_based()
+    lines = [f"{path.name}: {count} concurrent trials{' (the whole population)' if population else ''} "
+             f"on nodes of {format_bundle(node)}: {len(nodes)} nodes (at most {max_nodes})"]
     for i, n in enumerate(nodes, 1):
         idle = format_bundle({k: round(v, 6) for k, v in n["free"].items()}) or "nothing"
         lines.append(f"  node {i}: " + "; ".join(n["holds"]) + f"; idle: {idle}")
     print("\n".join(lines))
     if len(nodes) > max_nodes:
         raise cli.UsageError(f"{path.name}: needs {len(nodes)} nodes, over the {max_nodes} allowed: "
-                             "lower max_concurrent_trials or the resource shares")
+                             f"lower {'num_samples' if population else 'max_concurrent_trials'} "
+                             "or the resource shares")
 
 
 def _trial(sampled: dict, *, space_json: str, search_uri: str, local_dir: str, uri: str,

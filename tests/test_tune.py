@@ -291,7 +291,7 @@ PBT = {**GOOD, "search": {"scheduler": "pbt", "num_samples": 4, "perturbation_in
     ({"mutate": []}, "search.mutate: empty"),
     ({"scheduler": "pb2", "mutate": ["m"]}, "search.mutate: m: pb2 mutates ranges only"),
     ({"quantile_fraction": 0.75}, "search.quantile_fraction"),
-    ({"max_concurrent_trials": 2}, "search.max_concurrent_trials: 2 splits the population of 4"),
+    ({"max_concurrent_trials": 2}, "max_concurrent_trials: 2 splits the population of 4 into groups"),
 ])
 def test_bad_pbt_settings_are_answered_in_one_line(tmp_path, capsys, search, message):
     doc = {**PBT, "search": {**PBT["search"], **search}}
@@ -301,17 +301,19 @@ def test_bad_pbt_settings_are_answered_in_one_line(tmp_path, capsys, search, mes
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and message in err, err
 
 
-def test_a_population_exists_whole_and_takes_turns_on_a_small_cluster(tmp_path, capsys):
-    """Tune makes a trial only when a slot is free: a PBT population must have a slot for every
-    member (by default), and --fit shows how many of it run at once on the nodes there are."""
+def test_a_population_runs_whole_and_fit_counts_all_of_it(tmp_path, capsys):
+    """Tune makes a trial only when a slot is free, and sees only a trial's driver: a PBT
+    population has a slot for every member, and --fit places all of it at once."""
     assert tune.load_space(str(write(tmp_path, PBT)))[1].search.max_concurrent_trials == 4
     assert tune.load_space(str(write(tmp_path, GOOD, "fifo.yaml")))[1].search.max_concurrent_trials == 1
-    # GOOD's resources (a 1-CPU worker and a driver) on two 2-CPU nodes: not all four at once
-    assert cli.run(tune.main, "sodm.tune", ["--space", str(write(tmp_path, PBT, "p.yaml")),
-                                            "--fit", "CPU=2", "--max-nodes", "2"]) == 0
+    path = str(write(tmp_path, PBT, "p.yaml"))
+    assert cli.run(tune.main, "sodm.tune", ["--space", path, "--fit", "CPU=4", "--max-nodes", "8"]) == 0
     out = capsys.readouterr().out
-    assert "concurrent trials (of a population of 4: pbt pauses the rest)" in out, out
-    assert "(at most 2)" in out and "node 3" not in out
+    assert "4 concurrent trials (the whole population)" in out and out.count("worker 0") == 4, out
+    # GOOD's resources (a 1-CPU worker and a driver) on two 2-CPU nodes: not all four at once
+    assert cli.run(tune.main, "sodm.tune", ["--space", path, "--fit", "CPU=2", "--max-nodes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "over the 2 allowed: lower num_samples or the resource shares" in err, err
 
 
 def test_a_mapping_cannot_mutate_and_pbt_builds_with_clamped_mutations(tmp_path):
