@@ -2,8 +2,8 @@
 
 At the CPU scale of docs/results.md (5,000 CIFAR-10 training images, fine-tuning the Gaussian
 start, selection on the validation split): tune_spaces/cifar10_cpu.yaml (random search, 8 trials x
-3 epochs) against tune_spaces/cifar10_cpu_pbt.yaml (PBT, 4 trials x 6 epochs, exploits at epochs 2
-and 4), each for two seeds. Both spaces certify their best two trials with the same `final`
+3 epochs) against tune_spaces/cifar10_cpu_pbt.yaml (PBT, 4 trials x 6 epochs, all four at once,
+exploits at epochs 2 and 4), each for two seeds. Both spaces certify their best two trials with the same `final`
 settings (every 100th test image, N = 10,000), so the two searches' best are certified on the same
 test images that no trial saw. Written as it goes, into --out: each search under its own name
 (runs/<search>-s<seed>/: summary.txt, trials.csv, lineage.json for PBT), and results.json (each
@@ -15,8 +15,9 @@ Resumable: run it again and it goes on (finished searches kept, an interrupted o
     python experiments/pbt_vs_random.py --toy --out /tmp/pbt-toy     # digits, minutes: the plumbing
 
 Expected cost on the 2-core CPU: the random search took about 80 minutes (docs/results.md); PBT
-has the same 24 trial-epochs plus a Train restart per exploit and per pause (about a minute each
-here) and the same final certification: about 90-110 minutes. Two seeds of both: 5.5-6.5 hours.
+has the same 24 trial-epochs (four trials sharing the two cores) plus a Train restart per clone
+(about a minute each here) and the same final certification: about 80-100 minutes. Two seeds of
+both: 5.5-6.5 hours.
 """
 
 from __future__ import annotations
