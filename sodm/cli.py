@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -20,7 +21,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run(main: Callable[[Sequence[str] | None], int | None], prog: str,
         argv: Sequence[str] | None = None) -> int:
-    """Call `main(argv)`, turning a UsageError into one line on stderr and exit code 2."""
+    """Call `main(argv)`, turning a UsageError into one line on stderr and exit code 2. A reader
+    that stops reading (`--fit | head`) ends the command quietly, as a shell tool does: exit code
+    141 (128 + SIGPIPE), no traceback."""
     try:
         return int(main(argv) or 0)
     except UsageError as e:
@@ -29,6 +32,19 @@ def run(main: Callable[[Sequence[str] | None], int | None], prog: str,
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's flush at exit does not fail again
+    on the closed pipe (Python's own advice for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor
+        pass
 
 
 def format_validation_error(e) -> str:

@@ -1,7 +1,9 @@
 """The package's shape: no import circle between its modules (counting imports inside functions,
-which hide a circle rather than remove it), and the math free of Ray and MLflow."""
+which hide a circle rather than remove it), the math free of Ray and MLflow, and a command line
+that ends quietly when its reader stops."""
 
 import ast
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +75,18 @@ def test_math_modules_need_neither_ray_nor_mlflow():
             + "; print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_closed_pipe_ends_a_command_quietly():
+    """`python -m sodm.tune --fit ... | head`: the reader stops, the command ends without a
+    traceback and with 141, as a shell tool does."""
+    code = ("from sodm import cli\n"
+            "def main(argv):\n"
+            "    for i in range(200_000):\n"
+            "        print(f'line {i}')\n"
+            "raise SystemExit(cli.run(main, 'prog', []))\n")
+    shell = f"{sys.executable} -c {shlex.quote(code)} | head -n 1; exit ${{PIPESTATUS[0]}}"
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=60)
+    assert done.stdout == "line 0\n"
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.returncode == 141
