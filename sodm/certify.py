@@ -81,6 +81,9 @@ class CertifySettings(BaseModel):
         if not can_ever_certify(self.n, self.alpha):
             raise ValueError(f"n {self.n} at alpha {self.alpha} can never certify (even n of n "
                              "correct gives a lower bound alpha^(1/n) <= 1/2); raise n")
+        if self.compile is False and self.compile_mode != "default":
+            raise ValueError(f"compile_mode {self.compile_mode} is a way of compiling, and compile "
+                             "is off: drop one of the two")
         return self
 
     def indices(self, dataset: str, length: int) -> list[int]:
@@ -298,9 +301,12 @@ def with_native_dtype(settings: CertifySettings, device: torch.device,
 
 def with_compile(settings: CertifySettings, device_type: str, images: int) -> CertifySettings:
     """settings with `compile` decided: as given, or, when None, whether this job (images x
-    (n0 + n) samples at most) is long enough to pay for compiling on this kind of device."""
+    (n0 + n) samples at most) is long enough to pay for compiling on this kind of device. A
+    compile_mode other than the default asks for compiling, whatever the job's length."""
     if settings.compile is not None:
         return settings
+    if settings.compile_mode != "default":
+        return settings.model_copy(update={"compile": True})
     return settings.model_copy(update={"compile": compile_pays(device_type,
                                                                images * (settings.n0 + settings.n))})
 

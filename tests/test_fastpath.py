@@ -3,6 +3,7 @@ on), a compile that falls back to eager saying why, and the path recorded in the
 
 from contextlib import nullcontext
 
+import pytest
 import torch
 
 from sodm import fastpath
@@ -113,6 +114,11 @@ def test_compile_is_chosen_for_long_jobs_only():
     assert with_compile(auto, "cpu", 100).compile is True  # 10^7 samples on a CPU: hours
     assert with_compile(auto, "cpu", 50).compile is False
     assert with_compile(auto.model_copy(update={"compile": False}), "cpu", 500).compile is False
+    # a mode is a request to compile, even for a short job; a mode with compile off is refused
+    assert with_compile(CertifySettings(n0=100, n=1_000, compile_mode="reduce-overhead"),
+                        "cpu", 1).compile is True
+    with pytest.raises(ValueError, match="compile_mode reduce-overhead .* compile is off"):
+        CertifySettings(compile=False, compile_mode="reduce-overhead")
 
 
 def test_compiled_model_is_the_plain_one_within_rounding():
