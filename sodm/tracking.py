@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -222,8 +223,10 @@ def log_inputs(uri: str, run_id: str, inputs: list[tuple[str, str, str, str]]) -
 
     entries = []
     for name, source, digest, context in inputs:
-        src = (HTTPDatasetSource(DIGITS_SOURCE) if source.startswith("builtin:")
-               else resolve_dataset_source(source))
+        with warnings.catch_warnings():  # MLflow registers its local source twice and says so
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways")
+            src = (HTTPDatasetSource(DIGITS_SOURCE) if source.startswith("builtin:")
+                   else resolve_dataset_source(source))
         dataset = MetaDataset(src, name=name, digest=digest)
         entries.append(DatasetInput(dataset._to_mlflow_entity(),
                                     tags=[InputTag("mlflow.data.context", context)]))

@@ -53,6 +53,20 @@ def test_logging_a_model_is_quiet(digits_checkpoint, tmp_path, capfd):
     assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ  # put back as it was
 
 
+def test_logging_a_folder_as_a_data_input_is_quiet(tmp_path, recwarn):
+    """Each trial logs its data folder: without MLflow's caution that the source "can be
+    interpreted in multiple ways" (once per trial on the console), and still a local source."""
+    uri = tracking.resolve_uri(str(tmp_path / "mlflow.db"))
+    run_id = tracking.start_run(uri, tracking.ensure_experiment(uri, "inputs"), "trial-i")
+    folder = tmp_path / "cifar10-jpeg"
+    folder.mkdir()
+    tracking.log_inputs(uri, run_id, [("cifar10-train", str(folder), "0123456789abcdef", "train")])
+    assert not [w for w in recwarn if "multiple ways" in str(w.message)]
+    logged = tracking.client(uri).get_run(run_id).inputs.dataset_inputs
+    assert [d.dataset.name for d in logged] == ["cifar10-train"]
+    assert str(folder) in logged[0].dataset.source and logged[0].dataset.source_type == "local"
+
+
 def test_a_logged_model_is_registered_loaded_and_certified_like_its_file(
         digits_checkpoint, tmp_path, monkeypatch, capsys):
     import mlflow
