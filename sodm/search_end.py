@@ -219,7 +219,7 @@ def end_search_run(space_file: SpaceFile, trials: list[dict], top: list[dict], u
                    parent: str, local_dir: Path, log) -> None:
     """What the search's own MLflow run holds at the end: the table of trials (text and CSV),
     the certified trials' curves overlaid, every trial's selection metric per epoch, the best
-    trial (tag, ACR) and its model registered."""
+    trial (the first by the search's metric: tag, ACR) and its model registered."""
     from sodm.plots import certified_accuracy_curve, per_epoch
 
     keys = list(space_file.space)
@@ -247,8 +247,9 @@ def end_search_run(space_file: SpaceFile, trials: list[dict], top: list[dict], u
     for artifact in artifacts:
         tracking.log_artifact(uri, parent, artifact)
     tracking.log_metrics(uri, parent, {"trials": len(trials)})
-    best = (max(certified, key=lambda t: t["acr"]) if certified
-            else next((t for t in top if t.get("model_uri")), None))
+    # the best trial is the one the validation metric ranks first: its certified ACR is then a
+    # test figure no choice was made on (the higher of top_k test ACRs would be chosen on the test set)
+    best = next((t for t in top if t.get("model_uri")), None)
     if best is None:
         return
     c.set_tag(parent, "best_run_id", best["run_id"])
