@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import tempfile
 import threading
+import uuid
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -27,11 +28,17 @@ from sodm import tracking
 from sodm.cluster import beside_this_process
 from sodm.space import SpaceFile
 
-CHECKPOINTS_TO_KEEP = 4  # Tune checkpoints per trial: a clone may start from one a little old
 SCHEDULE = "sodm.schedule"  # the Tune checkpoint's metadata key
 CLONED_FROM = "sodm.pbt.cloned_from"
 HISTORY = "sodm.pbt.history"
 LINEAGE = "sodm.pbt.lineage"
+
+
+def checkpoints_to_keep(space_file: SpaceFile) -> int:
+    """Tune checkpoints kept per trial. A clone starts from its source's checkpoint of the source's
+    last exploit, which in an asynchronous search can be up to an interval older than the source's
+    newest, and the source may be an interval ahead of the clone: two intervals, and a margin."""
+    return 2 * space_file.search.perturbation_interval + 2
 
 
 def scheduler(space_file: SpaceFile):
@@ -90,7 +97,11 @@ def start(trial_id: str, keys: list[str]) -> dict:
                 "source": None, "adopted": frozenset()}
     schedule = checkpoint.get_metadata().get(SCHEDULE, [])
     owner, epoch = (schedule[-1]["trial_id"], schedule[-1]["epoch"]) if schedule else ("?", 0)
-    return {"run_name": f"train-{trial_id}-from-{owner}-e{epoch}", "checkpoint": checkpoint,
+    # a name of its own each time: the same trial can restore the same checkpoint twice (an
+    # asynchronous search cloning a paused source again), and Train would then resume the first
+    # restore's run from its own newest snapshot, not from the checkpoint handed over
+    run_name = f"train-{trial_id}-from-{owner}-e{epoch}-{uuid.uuid4().hex[:6]}"
+    return {"run_name": run_name, "checkpoint": checkpoint,
             "schedule": schedule, "source": None if owner == trial_id else f"{owner}@{epoch}",
             "adopted": frozenset(keys)}
 

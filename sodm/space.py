@@ -24,9 +24,17 @@ from sodm.refresher import needs_refresher
 
 POPULATION_BASED = ("pbt", "pb2")
 # Keys a population-based search may not change in the middle of a trial: what the weights, the
-# data or the certification are made of, the schedule's shape, and the run's length.
-NOT_MUTABLE = {"dataset", "arch", "method", "mapping", "sigma", "seed", "epochs", "train_subset",
-               "validation_size", "batch_size", "lr_milestones", "beta_milestone", "optimizer"}
+# data or the certification are made of, the schedule's shape, the run's length, what the
+# selection metric is measured on (a trial's epochs would not compare with each other's), and the
+# values a clone's restored state overwrites (lr_gamma: its lr schedule's; mapping_lr: its
+# mapping optimizer's).
+NOT_MUTABLE = {"dataset", "arch", "method", "mapping", "sigma", "seed", "epochs", "time_budget_s",
+               "train_subset", "val_size", "batch_size", "lr_milestones", "beta_milestone",
+               "optimizer", "lr_gamma", "mapping_lr", "eval_count", "acr_quick_count",
+               "acr_quick_n", "gap_probe_count"}
+# Keys a population-based search may not search at all, even unmutated: every member must run the
+# same length for the scheduler's epochs to be the same epochs.
+SAME_FOR_A_POPULATION = ("epochs", "time_budget_s")
 
 # The shipped spaces: inside the installed package (setup.py copies them there), or, in a
 # checkout, the top-level tune_spaces/ they are copied from.
@@ -329,6 +337,13 @@ def check_population_based(path: Path, space_file: SpaceFile) -> None:
                          f"population of {s.num_samples} into groups that never meet (Tune makes a "
                          "trial only when a slot is free): leave it out, and give each trial the "
                          f"resource shares that let all {s.num_samples} run at once (--fit shows it)")
+    for key in SAME_FOR_A_POPULATION:
+        if key in space_file.space:
+            raise SpaceError(f"{path}: space.{key}: a {s.scheduler} population runs one length "
+                             f"(every trial's epochs are the scheduler's); set {key} in base")
+    if s.scheduler == "pb2" and "resample_probability" in s.model_fields_set:
+        raise SpaceError(f"{path}: search.resample_probability: pb2 proposes new values from its "
+                         "model and never resamples; leave it out (pbt uses it)")
     epochs = space_file.trial_config({}, "/tmp/sodm-validate").epochs
     if s.perturbation_interval >= epochs:
         raise SpaceError(f"{path}: search.perturbation_interval: {s.perturbation_interval} epochs "

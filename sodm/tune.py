@@ -222,7 +222,7 @@ def build_tuner(space_file: SpaceFile, storage: str, name: str, local_dir: Path,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             # PBT clones from Tune's checkpoints: keep a few per trial (the others keep none)
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=pbt.CHECKPOINTS_TO_KEEP if space_file.population_based() else None),
+                num_to_keep=pbt.checkpoints_to_keep(space_file) if space_file.population_based() else None),
             callbacks=[end_trial_runs(space_file, uri, experiment_id, parent_run_id)]),
     )
 

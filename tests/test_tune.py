@@ -292,6 +292,8 @@ PBT = {**GOOD, "search": {"scheduler": "pbt", "num_samples": 4, "perturbation_in
     ({"scheduler": "pb2", "mutate": ["m"]}, "search.mutate: m: pb2 mutates ranges only"),
     ({"quantile_fraction": 0.75}, "search.quantile_fraction"),
     ({"max_concurrent_trials": 2}, "max_concurrent_trials: 2 splits the population of 4 into groups"),
+    ({"scheduler": "pb2", "mutate": ["beta"], "resample_probability": 0.5},
+     "search.resample_probability: pb2 proposes new values from its model and never resamples"),
 ])
 def test_bad_pbt_settings_are_answered_in_one_line(tmp_path, capsys, search, message):
     doc = {**PBT, "search": {**PBT["search"], **search}}
@@ -299,6 +301,85 @@ def test_bad_pbt_settings_are_answered_in_one_line(tmp_path, capsys, search, mes
     assert cli.run(tune.main, "sodm.tune", ["--space", str(path), "--check"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and message in err, err
+
+
+@pytest.mark.parametrize("key,dist,message", [
+    ("epochs", {"type": "choice", "values": [2, 3]}, "space.epochs: a pbt population runs one length"),
+    ("time_budget_s", {"type": "uniform", "lower": 10, "upper": 20}, "space.time_budget_s: a pbt"),
+    ("lr_gamma", {"type": "uniform", "lower": 0.1, "upper": 0.5}, "lr_gamma cannot change in the middle"),
+    ("mapping_lr", {"type": "loguniform", "lower": 0.001, "upper": 0.1}, "mapping_lr cannot change"),
+    ("val_size", {"type": "choice", "values": [100, 200]}, "val_size cannot change"),
+    ("eval_count", {"type": "choice", "values": [50, 100]}, "eval_count cannot change"),
+])
+def test_what_a_population_cannot_search_or_mutate(tmp_path, capsys, key, dist, message):
+    """Keys a clone's restored state would overwrite, that change what the metric is measured on,
+    or the run's length: each refused in one line."""
+    base = {k: v for k, v in {**PBT["base"], "epochs": 3}.items() if k != key}
+    doc = {**PBT, "base": base, "space": {**GOOD["space"], key: dist}}
+    path = write(tmp_path, doc)
+    assert cli.run(tune.main, "sodm.tune", ["--space", str(path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and message in err, err
+
+
+def test_a_resumed_scheduler_keeps_the_exploits_on_their_epochs():
+    """Tune resumes a search with a new scheduler; a restored trial takes up its place in the
+    schedule from its last epoch, not from epoch 0 (where its next report would be an exploit off
+    the schedule)."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from sodm.pbt_schedulers import SodmPBT, restored_times
+
+    assert restored_times(4, 3) == (3, 6) and restored_times(6, 3) == (6, 9)
+    assert restored_times(1, 2) == (0, 2)
+
+    class Trial:  # what on_trial_add reads of a Tune trial
+        def __init__(self, last):
+            keep = type("C", (), {"num_to_keep": 8})()
+            manager = type("M", (), {"checkpoint_config": keep})()
+            self.run_metadata = type("R", (), {"last_result": last, "checkpoint_manager": manager})()
+            self.experiment_tag, self.config, self.evaluated_params = "t", {"beta": 2.0}, {}
+
+    controller = type("Ctl", (), {"search_alg": None})()
+
+    def make(synch):
+        return SodmPBT(time_attr="epoch", metric="acr_plugin", mode="max", perturbation_interval=3,
+                       hyperparam_mutations={"beta": [1.0, 2.0, 4.0]}, synch=synch, epochs=12)
+
+    scheduler = make(synch=False)
+    fresh, restored = Trial({}), Trial({"epoch": 4, "acr_plugin": 0.3})
+    scheduler.on_trial_add(controller, fresh)
+    scheduler.on_trial_add(controller, restored)
+    assert scheduler._trial_state[fresh].last_perturbation_time == 0
+    assert scheduler._trial_state[restored].last_perturbation_time == 3
+    # its next report, epoch 5, is 2 epochs past its last exploit: it trains on (no exploit, which
+    # would need the controller's trials) until epoch 6
+    result = scheduler.on_trial_result(controller, restored, {"epoch": 5, "acr_plugin": 0.31})
+    assert result == TrialScheduler.CONTINUE
+
+    synchronous = make(synch=True)
+    for last in (7, 6, 8):  # a population interrupted between its meetings at 6 and 9
+        synchronous.on_trial_add(controller, Trial({"epoch": last, "acr_plugin": 0.3}))
+    assert synchronous._next_perturbation_sync == 9
+    behind = make(synch=True)  # one had not reached the meeting at 6 yet: it is still to come
+    for last in (6, 5):
+        behind.on_trial_add(controller, Trial({"epoch": last, "acr_plugin": 0.3}))
+    assert behind._next_perturbation_sync == 6
+
+
+def test_each_restore_of_a_trial_is_a_train_run_of_its_own(monkeypatch):
+    """The same trial restoring the same checkpoint twice gets two Train run names (one name
+    would resume the first restore's run from its own snapshot, not from the checkpoint)."""
+    from ray import tune as ray_tune
+
+    class Checkpoint:
+        def get_metadata(self):
+            return {pbt.SCHEDULE: [{"trial_id": "b", "epoch": 4}]}
+
+    monkeypatch.setattr(ray_tune, "get_checkpoint", lambda: Checkpoint())
+    first, second = pbt.start("a", ["beta"]), pbt.start("a", ["beta"])
+    assert first["run_name"].startswith("train-a-from-b-e4-") and first["source"] == "b@4"
+    assert first["run_name"] != second["run_name"]
 
 
 def test_a_population_runs_whole_and_fit_counts_all_of_it(tmp_path, capsys):
@@ -456,7 +537,7 @@ def test_a_pbt_search_clones_mutates_and_resumes(tmp_path):
     assert "pbt/history.json" in [a.path for a in client.list_artifacts(clone.info.run_id, "pbt")]
     # the clone's Train run started from its source's checkpoint: the source's first epochs
     # (its losses) are the clone's history, then the clone goes on with its own, mutated beta
-    run = search / "trials" / tid / f"train-{tid}-from-{source}-e{epoch}"
+    [run] = (search / "trials" / tid).glob(f"train-{tid}-from-{source}-e{epoch}-*")
     first = sorted(run.glob("checkpoint_*/checkpoint.pt"))[0]
     ckpt = load_checkpoint(first)
     source_losses = {int(m.step): m.value for m in client.get_metric_history(
@@ -473,3 +554,5 @@ def test_a_pbt_search_clones_mutates_and_resumes(tmp_path):
     assert "pbt_schedules.png" in artifacts and "lineage.json" in artifacts
     best = client.get_run(parent.data.tags["best_run_id"])
     assert pbt.LINEAGE in best.data.tags
+    # both certified: the best is the first by the validation metric, whatever the test ACRs say
+    assert best.info.run_id == max(trials.values(), key=lambda r: r.data.metrics["acr_plugin"]).info.run_id
