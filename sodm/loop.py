@@ -41,6 +41,7 @@ from sodm.smoothing import (Smooth, lower_confidence_bound, noise_generator, plu
 # for every run and trial, and different from each other.
 SELECTION_SEED = 4_242
 GAP_SEED = 4_243
+EVAL_ORDER_SEED = 4_244  # the order of the validation images of per-epoch evaluation
 # How often a step checks that the loss is finite (reading it waits for the device).
 FINITE_CHECK_STEPS = 25
 # Config keys that may change between a run and its resumption.
@@ -143,19 +144,27 @@ def probe_gaps(model, mapping, x, y, cfg: TrainConfig) -> dict[str, float]:
     return {**gaps, "gap_seconds": time.perf_counter() - start}
 
 
+def evaluation_order(val: torch.Tensor, count: int) -> torch.Tensor:
+    """count of the validation indices, evenly strided, shuffled by a fixed seed (the same for
+    every run), so that any prefix of them is a sample of every class."""
+    picked = val[subset_indices(len(val), 0, max(1, len(val) // count), count)]
+    return picked[torch.randperm(len(picked), generator=torch.Generator().manual_seed(EVAL_ORDER_SEED))]
+
+
 def validation_tensors(cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The validation images of per-epoch evaluation: eval_count of the validation split (carved
-    from the training set, never trained on), evenly strided. No test image is read while
-    training: those are for the final certification only."""
+    from the training set, never trained on), evenly strided, in a fixed shuffled order. The
+    selection metrics and the gap probe take the first acr_quick_count and gap_probe_count of
+    them, and an ImageFolder lists its images class by class: in index order those first ones
+    would be one or two classes. No test image is read while training: those are for the final
+    certification only."""
     if cfg.dataset in ("digits", "cifar10"):
         x, y = load_tensors(cfg.dataset, "train", cfg.data_dir, cfg.download)
-        val = train_val_indices(len(y), cfg.validation_size)[1]
-        val = val[subset_indices(len(val), 0, max(1, len(val) // cfg.eval_count), cfg.eval_count)]
+        val = evaluation_order(train_val_indices(len(y), cfg.validation_size)[1], cfg.eval_count)
         return x[val].to(device), y[val].to(device)
     ds = load_dataset(cfg.dataset, "train", cfg.data_dir)  # un-augmented
-    val = train_val_indices(len(ds), cfg.validation_size)[1]
-    items = [ds[int(val[i])] for i in subset_indices(len(val), 0, max(1, len(val) // cfg.eval_count),
-                                                     cfg.eval_count)]
+    val = evaluation_order(train_val_indices(len(ds), cfg.validation_size)[1], cfg.eval_count)
+    items = [ds[int(i)] for i in val]
     return (torch.stack([a for a, _ in items]).to(device),
             torch.tensor([b for _, b in items], device=device))
 

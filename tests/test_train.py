@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -342,3 +343,26 @@ def test_a_run_from_no_checkpoint_resets_a_refresher_that_lived_on(tmp_path):
     a = load_checkpoint(tmp_path / "fresh" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "lived" / "checkpoint.pt")
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_the_first_validation_images_are_a_sample_of_every_class(tmp_path):
+    """The selection metrics and the gap probe read the first acr_quick_count and gap_probe_count
+    of the validation images; an ImageFolder lists its images class by class, so in index order
+    those would be one or two classes (they were, for CIFAR-10's JPEG folder: 100 images of 2)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                              "horse", "ship", "truck"]):
+        for split, count in (("train", 30), ("test", 1)):
+            folder = tmp_path / "c10" / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    cfg = make_config(dataset="cifar10", data_dir=str(tmp_path / "c10"), val_size=100,
+                      eval_count=50, acr_quick_count=10)
+    x, y = loop.validation_tensors(cfg, "cpu")
+    assert len(y) == 50 and len(torch.unique(y)) == 10
+    assert len(torch.unique(y[: cfg.acr_quick_count])) >= 5, y[:10].tolist()  # not one or two
+    again = loop.validation_tensors(cfg, "cpu")[1]
+    assert torch.equal(y, again)  # the same order every run
