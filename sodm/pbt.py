@@ -17,6 +17,7 @@ the best trial is read from its last checkpoint.
 from __future__ import annotations
 
 import json
+import random
 import tempfile
 import threading
 import uuid
@@ -44,9 +45,16 @@ def checkpoints_to_keep(space_file: SpaceFile) -> int:
 def scheduler(space_file: SpaceFile):
     """Ray's PopulationBasedTraining (or PB2) for the space: time in epochs, the mutated keys
     resampled from their distributions or perturbed by Ray's factors, kept inside their ranges;
-    no exploit at the last epoch."""
+    no exploit at the last epoch. Ray's PBT draws its explorations from Python's `random` and its
+    resamples from numpy's global generator, both seeded here from the base config's seed (in the
+    search's driver process), so that a search can be repeated."""
+    import numpy as np
+
     from sodm.pbt_schedulers import SodmPB2, SodmPBT
 
+    seed = int(space_file.base.get("seed", 0))
+    random.seed(seed)
+    np.random.seed(seed)
     s = space_file.search
     keys = space_file.mutated_keys()
     bounds = _bounds_of(space_file)

@@ -214,9 +214,8 @@ def build_tuner(space_file: SpaceFile, storage: str, name: str, local_dir: Path,
         param_space={k: d.to_tune() for k, d in space_file.space.items()},
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples,
                                     scheduler=scheduler, search_alg=search_algorithm(space_file),
-                                    max_concurrent_trials=(None if s.points_to_evaluate and
-                                                           s.algorithm != "tpe"
-                                                           else s.max_concurrent_trials)),
+                                    max_concurrent_trials=(s.max_concurrent_trials
+                                                           if s.algorithm == "tpe" else None)),
         run_config=tune.RunConfig(
             name=name, storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
@@ -228,19 +227,21 @@ def build_tuner(space_file: SpaceFile, storage: str, name: str, local_dir: Path,
 
 
 def search_algorithm(space_file: SpaceFile):
-    """Tune's search algorithm for the space: random (Tune's default, or its variant generator
-    when points are to be evaluated first), grid, or TPE (optuna), the points first."""
+    """Tune's search algorithm for the space: random or grid (Tune's variant generator), or TPE
+    (optuna), the points first, its draws seeded by the base config's seed (Tune's own default
+    generator is unseeded: the same space file would draw other trials every time)."""
     s = space_file.search
     points = [dict(p) for p in s.points_to_evaluate] or None
+    seed = int(space_file.base.get("seed", 0))
     if s.algorithm == "tpe":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=int(space_file.base.get("seed", 0)), points_to_evaluate=points)
-    if points:  # Tune ignores max_concurrent_trials beside a generator passed in: it says it here
-        from ray.tune.search import BasicVariantGenerator
+        return OptunaSearch(seed=seed, points_to_evaluate=points)
+    from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(points_to_evaluate=points, max_concurrent=s.max_concurrent_trials)
-    return None
+    # Tune ignores max_concurrent_trials beside a generator passed in: it says it here
+    return BasicVariantGenerator(points_to_evaluate=points, max_concurrent=s.max_concurrent_trials or 0,
+                                 random_state=seed)
 
 
 def trial_bundles(space_file: SpaceFile) -> tuple[list[dict], list[dict]]:

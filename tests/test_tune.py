@@ -190,13 +190,32 @@ def test_search_algorithms_take_the_points_first(tmp_path):
     alg = tune.search_algorithm(random_space)
     assert type(alg).__name__ == "BasicVariantGenerator" and alg._points_to_evaluate == [point]
     # Tune ignores max_concurrent_trials beside a generator given to it: the generator holds it
-    assert alg.max_concurrent == random_space.search.max_concurrent_trials
-    assert tune.search_algorithm(tune.load_space(str(write(tmp_path, GOOD, "plain.yaml")))[1]) is None
+    assert alg.max_concurrent == (random_space.search.max_concurrent_trials or 0)
+    plain = tune.search_algorithm(tune.load_space(str(write(tmp_path, GOOD, "plain.yaml")))[1])
+    assert type(plain).__name__ == "BasicVariantGenerator" and not plain._points_to_evaluate
     pytest.importorskip("optuna")  # the `tpe` extra (installed with `dev`)
     doc = with_("search.points_to_evaluate", [point])
     doc["search"]["algorithm"] = "tpe"
     tpe = tune.search_algorithm(tune.load_space(str(write(tmp_path, doc, "tpe.yaml")))[1])
     assert type(tpe).__name__ == "OptunaSearch" and tpe._points_to_evaluate == [point]
+
+
+def test_a_search_draws_the_same_trials_for_the_same_seed(tmp_path):
+    """Tune's own default generator is unseeded: the space file's seed must fix the draws."""
+    from ray.tune.experiment import Experiment
+
+    def drawn(seed):
+        doc = with_("search", {"num_samples": 4, "max_concurrent_trials": 4})
+        doc["base"] = {**doc["base"], "seed": seed}
+        space_file = tune.load_space(str(write(tmp_path, doc, f"s{seed}.yaml")))[1]
+        alg = tune.search_algorithm(space_file)
+        alg.add_configurations([Experiment(name="x", run=lambda c: None, num_samples=4, config={
+            k: d.to_tune() for k, d in space_file.space.items()})])
+        return [t.config for t in iter(alg.next_trial, None)]
+
+    first = drawn(0)
+    assert len(first) == 4 and first == drawn(0)
+    assert first != drawn(1)
 
 
 @pytest.mark.parametrize("name", ["cifar10", "imagenet", "mini_imagenet50", "cifar10_cpu"])
@@ -412,6 +431,16 @@ def test_a_mapping_cannot_mutate_and_pbt_builds_with_clamped_mutations(tmp_path)
     # perturbed out of range (rho 0.99 x1.2): brought back in; integers stay integers
     assert pbt.clamp({"beta": 14.4, "rho": 1.188, "m": 2.4, "n": 4}, pbt._bounds_of(space_file)) == \
         {"beta": 10.0, "rho": 0.99, "m": 2, "n": 4}
+    # Ray's explorations draw from Python's random, seeded by the scheduler: a search repeats
+    from ray.tune.schedulers.pbt import _explore
+
+    def explored():
+        sch = pbt.scheduler(space_file)
+        return [_explore({"beta": 6.0, "rho": 0.95, "m": 2, "n": 4}, sch._hyperparam_mutations,
+                         sch._resample_probability, sch._perturbation_factors,
+                         sch._custom_explore_fn)[0] for _ in range(5)]
+
+    assert explored() == explored()
     pytest.importorskip("sklearn")
     pb2 = {**PBT, "search": {**PBT["search"], "scheduler": "pb2", "mutate": ["beta", "rho"]}}
     from ray.tune.schedulers.pb2 import PB2
