@@ -27,6 +27,8 @@ from sodm.config import make_config
 from sodm.fastpath import training_precision
 from sodm.loop import selection_metrics, validation_tensors
 
+METRICS = ("acr_plugin", "acr_quick", "p_a_q50")
+
 
 def remeasure(trial_dir: Path) -> dict:
     cfg = make_config(**json.loads((trial_dir / "config.json").read_text()))
@@ -42,14 +44,13 @@ def remeasure(trial_dir: Path) -> dict:
     lines = (trial_dir / "metrics.jsonl").read_text().splitlines()
     old = json.loads(lines[-1])
     return {"trial": trial_dir.name, "epochs": len(lines),
-            "old": {m: old.get(m) for m in ("acr_plugin", "acr_quick", "p_a_q50")},
-            "new": {m: new[m] for m in ("acr_plugin", "acr_quick", "p_a_q50")}}
+            "old": {m: old.get(m) for m in METRICS}, "new": {m: new[m] for m in METRICS}}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("search", type=Path, help="a search's storage folder (holding trials/<id>/)")
-    p.add_argument("--metric", default="acr_plugin")
+    p.add_argument("--metric", default="acr_plugin", choices=METRICS)
     p.add_argument("--out", type=Path, help="write the measurements as JSON")
     args = p.parse_args()
     trials = sorted(d for d in (args.search / "trials").iterdir() if (d / "checkpoint.pt").is_file())

@@ -52,9 +52,8 @@ def scheduler(space_file: SpaceFile):
 
     from sodm.pbt_schedulers import SodmPB2, SodmPBT
 
-    seed = int(space_file.base.get("seed", 0))
-    random.seed(seed)
-    np.random.seed(seed)
+    random.seed(space_file.seed())
+    np.random.seed(space_file.seed())
     s = space_file.search
     keys = space_file.mutated_keys()
     bounds = _bounds_of(space_file)

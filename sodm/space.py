@@ -188,6 +188,10 @@ class SpaceFile(Strict):
     def population_based(self) -> bool:
         return self.search.scheduler in POPULATION_BASED
 
+    def seed(self) -> int:
+        """The base config's seed, which seeds the search's draws as it seeds each trial."""
+        return int(self.base.get("seed", 0))
+
     def mutated_keys(self) -> list[str]:
         """The keys a population-based search mutates (none for the other schedulers)."""
         if not self.population_based():

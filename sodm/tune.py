@@ -232,7 +232,7 @@ def search_algorithm(space_file: SpaceFile):
     generator is unseeded: the same space file would draw other trials every time)."""
     s = space_file.search
     points = [dict(p) for p in s.points_to_evaluate] or None
-    seed = int(space_file.base.get("seed", 0))
+    seed = space_file.seed()
     if s.algorithm == "tpe":
         from ray.tune.search.optuna import OptunaSearch
 
