@@ -299,6 +299,7 @@ def train_epoch(state: TrainState, epoch: int,
     schedule's step. Returns the epoch's record of training statistics, averaged over ranks."""
     cfg, session = state.cfg, state.session
     beta = cfg.beta_at(epoch)
+    lr = state.optimizer.param_groups[0]["lr"]  # this epoch's (the scheduler steps at its end)
     sums: dict[str, torch.Tensor] = {}
     samples = lag_sum = epoch_steps = 0
     refresh_wait = 0.0
@@ -340,7 +341,7 @@ def train_epoch(state: TrainState, epoch: int,
     sums = session.all_reduce_sum({**sums, "samples": float(samples)})
     seen = max(sums.pop("samples", 0.0), 1.0)
     record = {"epoch": epoch + 1, "step": state.step, **{k: v / seen for k, v in sums.items()},
-              "lr": state.optimizer.param_groups[0]["lr"], "beta": beta, "seconds": seconds,
+              "lr": lr, "beta": beta, "seconds": seconds,
               "refresh_share": refresh_wait / seconds if seconds else 0.0,
               "mapping_version": state.refresher.version if state.refresher is not None else 0,
               "train_seconds": state.train_seconds}

@@ -75,10 +75,14 @@ def test_sodm_raises_certified_accuracy_and_refreshes_mapping(tmp_path):
 
 @pytest.mark.slow
 def test_same_seed_same_run_and_resume_after_a_crash_continues_it(tmp_path):
-    full = make_config(**{**FAST, "epochs": 3}, out_dir=str(tmp_path / "full"), seed=3)
-    loop.train(full, log=quiet)
+    schedule = dict(lr_milestones=[2], beta_milestone=2)  # the third epoch at lr x0.1, beta x10
+    full = make_config(**{**FAST, "epochs": 3}, **schedule, out_dir=str(tmp_path / "full"), seed=3)
+    history = loop.train(full, log=quiet)["history"]
+    # each epoch's record holds the lr and beta it trained with
+    assert [h["lr"] for h in history] == pytest.approx([full.lr, full.lr, full.lr * full.lr_gamma])
+    assert [h["beta"] for h in history] == pytest.approx([full.beta, full.beta, full.beta * full.beta_factor])
 
-    crashed = make_config(**{**FAST, "epochs": 3}, out_dir=str(tmp_path / "crash"), seed=3)
+    crashed = make_config(**{**FAST, "epochs": 3}, **schedule, out_dir=str(tmp_path / "crash"), seed=3)
 
     def crash(epoch, step):
         if epoch == 1 and step == 15:  # in the middle of the second epoch
@@ -99,7 +103,8 @@ def test_same_seed_same_run_and_resume_after_a_crash_continues_it(tmp_path):
     assert a["refresher"]["version"] == b["refresher"]["version"] > 0
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
     # A resumed run must keep its settings.
-    changed = make_config(**{**FAST, "epochs": 3}, out_dir=str(tmp_path / "crash"), seed=3, beta=1.0)
+    changed = make_config(**{**FAST, "epochs": 3}, **schedule, out_dir=str(tmp_path / "crash"), seed=3,
+                          beta=1.0)
     with pytest.raises(ConfigError, match="beta"):
         loop.train(changed, resume=True, log=quiet)
 
