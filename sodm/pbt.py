@@ -32,6 +32,9 @@ from sodm.space import SpaceFile
 SCHEDULE = "sodm.schedule"  # the Tune checkpoint's metadata key
 CLONED_FROM = "sodm.pbt.cloned_from"
 HISTORY = "sodm.pbt.history"
+CONFIG = "sodm.pbt.config"
+EXPLOIT = "sodm.pbt.exploit."
+TAG_LIMIT = 8000  # MLflow's longest tag value
 LINEAGE = "sodm.pbt.lineage"
 
 
@@ -113,16 +116,26 @@ def start(trial_id: str, keys: list[str]) -> dict:
             "adopted": frozenset(keys)}
 
 
-def note_clone(uri: str, run_id: str, source: str, values: dict) -> None:
-    """Record an exploit in the trial's run: the tag cloned_from = <trial>@<epoch>, and the whole
-    history (tag and artifact pbt/history.json); a clone started again is recorded once."""
+def note_clone(uri: str, run_id: str, source: str, values: dict, mutated: list[str]) -> None:
+    """Record an exploit in the trial's run: the tag cloned_from = <trial>@<epoch>, the searched
+    values it goes on with (tag config: the mutated ones explored, the others its source's, which
+    may differ from the run's params), each exploit in a tag of its own (exploit.<n>), the whole
+    history in artifact pbt/history.json and as much of it as a tag holds, the latest exploits, in
+    tag history; a clone started again is recorded once."""
     c = tracking.client(uri)
-    history = json.loads(c.get_run(run_id).data.tags.get(HISTORY, "[]"))
-    event = {"cloned_from": source, "values": values}
+    tags = c.get_run(run_id).data.tags
+    history = [json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith(EXPLOIT))]
+    event = {"cloned_from": source, "values": values,
+             "inherited": sorted(k for k in values if k not in mutated)}
     if not history or history[-1] != event:
+        c.set_tag(run_id, f"{EXPLOIT}{len(history):04d}", json.dumps(event, sort_keys=True))
         history.append(event)
     c.set_tag(run_id, CLONED_FROM, source)
-    c.set_tag(run_id, HISTORY, json.dumps(history))
+    c.set_tag(run_id, CONFIG, json.dumps(values, sort_keys=True))
+    latest = list(history)
+    while len(json.dumps(latest)) > TAG_LIMIT:
+        latest.pop(0)
+    c.set_tag(run_id, HISTORY, json.dumps(latest))
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "history.json"
         path.write_text(json.dumps(history, indent=2) + "\n")
@@ -169,20 +182,24 @@ def reporting_to_tune(trial_id: str, schedule: list[dict], values: dict):
 
     def forward():
         while (item := queue.get()) is not None:
-            metrics, checkpoint = item
-            epoch = metrics.get("epoch")
-            if checkpoint is None or epoch is None:
-                tune.report(metrics)
-                continue
-            metrics["checkpoint_path"] = checkpoint.path
-            schedule[:] = [r for r in schedule if r["epoch"] < epoch]
-            schedule.append({"epoch": epoch, "trial_id": trial_id, **values,
-                             **{k: metrics[k] for k in ("beta", "lr") if k in metrics}})
+            if failed:
+                continue  # taken and dropped: a report waiting on the queue must not hang the run
             try:
-                checkpoint.set_metadata({SCHEDULE: schedule})
-            except Exception as e:  # noqa: BLE001 - said once the run ends
+                report(*item)
+            except Exception as e:  # noqa: BLE001 - raised in the trial driver once the run ends
                 failed.append(e)
-            tune.report(metrics, checkpoint=tune.Checkpoint(checkpoint.path, checkpoint.filesystem))
+
+    def report(metrics, checkpoint):
+        epoch = metrics.get("epoch")
+        if checkpoint is None or epoch is None:
+            tune.report(metrics)
+            return
+        metrics["checkpoint_path"] = checkpoint.path
+        schedule[:] = [r for r in schedule if r["epoch"] < epoch]
+        schedule.append({"epoch": epoch, "trial_id": trial_id, **values,
+                         **{k: metrics[k] for k in ("beta", "lr") if k in metrics}})
+        checkpoint.set_metadata({SCHEDULE: schedule})
+        tune.report(metrics, checkpoint=tune.Checkpoint(checkpoint.path, checkpoint.filesystem))
 
     thread = threading.Thread(target=forward, name="sodm-report-to-tune", daemon=True)
     thread.start()

@@ -315,8 +315,13 @@ def _trial(sampled: dict, *, space_json: str, search_uri: str, local_dir: str, u
     # exploit its source's) and reports each checkpoint to Tune (see sodm.pbt)
     begin = pbt.start(trial_id, space_file.mutated_keys())
     if begin["source"]:
-        pbt.note_clone(uri, run_id, begin["source"], {k: sampled[k] for k in space_file.mutated_keys()})
-    with pbt.reporting_to_tune(trial_id, begin["schedule"], values) as report:
+        pbt.note_clone(uri, run_id, begin["source"], {k: sampled[k] for k in space_file.space},
+                       space_file.mutated_keys())
+    # each epoch's record in the checkpoint's schedule: every searched value (a clone goes on with
+    # its source's values of the keys that do not mutate, the mapping among them)
+    dumped = cfg.model_dump()
+    searched = {k: dumped[k] for k in space_file.space if k not in ("beta", "lr")}
+    with pbt.reporting_to_tune(trial_id, begin["schedule"], searched) as report:
         distributed.run(cfg, resume=True, certify=False, run_name=begin["run_name"],
                         callbacks=[report], tracking=track, start_from=begin["checkpoint"],
                         adopted=begin["adopted"])

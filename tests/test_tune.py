@@ -341,49 +341,206 @@ def test_what_a_population_cannot_search_or_mutate(tmp_path, capsys, key, dist, 
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and message in err, err
 
 
+class _StubTrial:
+    """What the PBT scheduler reads of a restored Tune trial: its last result, its latest
+    checkpoint's result (a clone's is its source's), its status."""
+
+    def __init__(self, last, checkpoint_result=None, name="t", status="PENDING"):
+        keep = type("C", (), {"num_to_keep": 8})()
+        latest = (type("R", (), {"metrics": checkpoint_result, "checkpoint": f"ckpt-{name}"})()
+                  if checkpoint_result is not None else None)
+        manager = type("M", (), {"checkpoint_config": keep, "latest_checkpoint_result": latest})()
+        self.run_metadata = type("R", (), {"last_result": last, "checkpoint_manager": manager})()
+        self.experiment_tag, self.config, self.evaluated_params = name, {"beta": 2.0}, {}
+        self.name, self.status = name, status
+        self.checkpoint = latest.checkpoint if latest is not None else None
+        self.temporary_state = type("S", (), {"saving_to": None})()
+
+    def set_status(self, status):
+        self.status = status
+
+    def is_finished(self):
+        return self.status in ("TERMINATED", "ERROR")
+
+    def __repr__(self):
+        return self.name
+
+
+def _pbt_scheduler(synch, interval=3):
+    from sodm.pbt_schedulers import SodmPBT
+
+    return SodmPBT(time_attr="epoch", metric="acr_plugin", mode="max", perturbation_interval=interval,
+                   hyperparam_mutations={"beta": [1.0, 2.0, 4.0]}, synch=synch, epochs=12)
+
+
 def test_a_resumed_scheduler_keeps_the_exploits_on_their_epochs():
     """Tune resumes a search with a new scheduler; a restored trial takes up its place in the
-    schedule from its last epoch, not from epoch 0 (where its next report would be an exploit off
-    the schedule)."""
+    schedule from where it trains on, not from epoch 0 (where its next report would be an exploit
+    off the schedule)."""
     from ray.tune.schedulers import TrialScheduler
 
-    from sodm.pbt_schedulers import SodmPBT, restored_times
+    from sodm.pbt_schedulers import restored_times
 
     assert restored_times(4, 3) == (3, 6) and restored_times(6, 3) == (6, 9)
     assert restored_times(1, 2) == (0, 2)
+    Trial = _StubTrial
+    controller = type("Ctl", (), {"search_alg": None,
+                                  "_set_trial_status": lambda self, t, status: t.set_status(status)})()
 
-    class Trial:  # what on_trial_add reads of a Tune trial
-        def __init__(self, last):
-            keep = type("C", (), {"num_to_keep": 8})()
-            manager = type("M", (), {"checkpoint_config": keep})()
-            self.run_metadata = type("R", (), {"last_result": last, "checkpoint_manager": manager})()
-            self.experiment_tag, self.config, self.evaluated_params = "t", {"beta": 2.0}, {}
-
-    controller = type("Ctl", (), {"search_alg": None})()
-
-    def make(synch):
-        return SodmPBT(time_attr="epoch", metric="acr_plugin", mode="max", perturbation_interval=3,
-                       hyperparam_mutations={"beta": [1.0, 2.0, 4.0]}, synch=synch, epochs=12)
-
-    scheduler = make(synch=False)
+    scheduler = _pbt_scheduler(synch=False)
     fresh, restored = Trial({}), Trial({"epoch": 4, "acr_plugin": 0.3})
-    scheduler.on_trial_add(controller, fresh)
-    scheduler.on_trial_add(controller, restored)
+    # a clone whose last report was epoch 4 but restarts from its source's checkpoint of epoch 2
+    clone = Trial({"epoch": 4, "acr_plugin": 0.1}, checkpoint_result={"epoch": 2, "acr_plugin": 0.3})
+    for t in (fresh, restored, clone):
+        scheduler.on_trial_add(controller, t)
     assert scheduler._trial_state[fresh].last_perturbation_time == 0
     assert scheduler._trial_state[restored].last_perturbation_time == 3
+    assert scheduler._trial_state[clone].last_perturbation_time == 0
     # its next report, epoch 5, is 2 epochs past its last exploit: it trains on (no exploit, which
     # would need the controller's trials) until epoch 6
     result = scheduler.on_trial_result(controller, restored, {"epoch": 5, "acr_plugin": 0.31})
     assert result == TrialScheduler.CONTINUE
 
-    synchronous = make(synch=True)
+    synchronous = _pbt_scheduler(synch=True)
     for last in (7, 6, 8):  # a population interrupted between its meetings at 6 and 9
         synchronous.on_trial_add(controller, Trial({"epoch": last, "acr_plugin": 0.3}))
     assert synchronous._next_perturbation_sync == 9
-    behind = make(synch=True)  # one had not reached the meeting at 6 yet: it is still to come
-    for last in (6, 5):
-        behind.on_trial_add(controller, Trial({"epoch": last, "acr_plugin": 0.3}))
-    assert behind._next_perturbation_sync == 6
+    behind = _pbt_scheduler(synch=True)  # one had not reached the meeting at 6 yet: it is still to come
+    waiting = Trial({"epoch": 6, "acr_plugin": 0.3})
+    for t in (waiting, Trial({"epoch": 5, "acr_plugin": 0.3})):
+        behind.on_trial_add(controller, t)
+    assert behind._next_perturbation_sync == 6 and waiting.status == "PAUSED"
+    finished = _pbt_scheduler(synch=True)  # a finished trial is waited for by no meeting
+    finished.on_trial_add(controller, Trial({"epoch": 1}, status="TERMINATED"))
+    finished.on_trial_add(controller, Trial({"epoch": 6, "acr_plugin": 0.3}))
+    assert finished._next_perturbation_sync == 9
+
+
+@pytest.mark.parametrize("order", ["XY", "YX"])
+def test_a_trial_waiting_at_the_meeting_when_stopped_waits_there_again(order):
+    """Synchronous PBT interrupted while X waited at the meeting of epoch 4 and Y was at 3: on
+    --resume (whichever Tune adds first) X is paused again (a pending trial would be started and
+    train past the meeting), Y's epoch 4 makes the meeting, which ranks X by its epoch-4 score,
+    and a weaker Y clones X's epoch-4 checkpoint. The next meeting is at 6 for both."""
+    import inspect
+
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment import Trial as TuneTrial
+
+    # the pause relies on Ray filing a trial under its status after the scheduler's on_trial_add
+    source = inspect.getsource(TuneController.add_trial)
+    assert source.index("on_trial_add") < source.index("status_str_map[trial.status].add")
+
+    result_x = {"epoch": 4, "acr_plugin": 0.5}
+    x = _StubTrial(result_x, checkpoint_result=result_x, name="X")
+    y = _StubTrial({"epoch": 3, "acr_plugin": 0.2}, checkpoint_result={"epoch": 3, "acr_plugin": 0.2},
+                   name="Y")
+    trials, moved = [], []
+
+    class Controller:
+        search_alg = None
+
+        def get_trials(self):
+            return trials
+
+        def get_live_trials(self):
+            return set(trials)
+
+        def _set_trial_status(self, trial, status):  # TuneController's, for a trial it filed
+            moved.append((trial.name, status))
+            trial.set_status(status)
+
+    controller, scheduler = Controller(), _pbt_scheduler(synch=True, interval=2)
+    for t in (x, y) if order == "XY" else (y, x):
+        trials.append(t)
+        scheduler.on_trial_add(controller, t)
+    assert moved == ([("X", TuneTrial.PAUSED)] if order == "XY" else [])
+    assert scheduler._next_perturbation_sync == 4
+    assert scheduler._trial_state[x].last_perturbation_time == 2
+    assert x.status == TuneTrial.PAUSED and y.status == TuneTrial.PENDING
+    assert scheduler.choose_trial_to_run(controller) is y  # X waits, Y runs
+    y.status = TuneTrial.RUNNING
+    assert scheduler.choose_trial_to_run(controller) is None
+
+    exploits = []
+    scheduler._exploit = lambda ctl, trial, source: exploits.append(
+        (trial.name, source.name, scheduler._trial_state[source].last_checkpoint))
+    scheduler.on_trial_result(controller, y, {"epoch": 4, "acr_plugin": 0.1})
+    assert exploits == [("Y", "X", "ckpt-X")]  # ranked at epoch 4: Y below, cloning X's epoch 4
+    assert scheduler._trial_state[x].last_perturbation_time == 4
+    assert scheduler._next_perturbation_sync == 6
+    assert scheduler.choose_trial_to_run(controller) is x  # free to train on to the next meeting
+
+
+def test_a_report_that_fails_does_not_hang_the_trial(monkeypatch):
+    """Tune refusing a report (its checkpoint not persisted, say): the trial driver's thread goes
+    on taking the Train run's reports off the one-place queue (a put would wait there forever),
+    and the error is raised once the run ends."""
+    import queue as std_queue
+    import threading
+
+    import ray.util.queue
+    from ray import tune as ray_tune
+
+    class Queue(std_queue.Queue):  # ray.util.queue.Queue's interface, in this process
+        def __init__(self, maxsize, actor_options=None):
+            super().__init__(maxsize)
+
+        def shutdown(self):
+            pass
+
+    class Checkpoint:
+        path, filesystem = "/nowhere", None
+
+        def set_metadata(self, metadata):
+            pass
+
+    def report(metrics, checkpoint=None):
+        raise OSError("storage refused the checkpoint")
+
+    monkeypatch.setattr(ray.util.queue, "Queue", Queue)
+    monkeypatch.setattr(pbt, "beside_this_process", lambda: {})
+    monkeypatch.setattr(ray_tune, "report", report)
+    monkeypatch.setattr(ray_tune, "Checkpoint", lambda path, fs: (path, fs))
+    done = threading.Event()
+
+    def run():
+        with pytest.raises(OSError, match="storage refused"):
+            with pbt.reporting_to_tune("a", [], {}) as callback:
+                for epoch in (1, 2, 3):  # the Train run goes on reporting after the failure
+                    callback.after_report(None, [{"epoch": epoch, "acr_plugin": 0.1}], Checkpoint())
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(30), "the trial hung on a report after the failed one"
+
+
+def test_each_exploit_is_recorded_whole_with_what_the_clone_inherited(tmp_path):
+    """A clone goes on with its source's values of the keys that do not mutate (Ray copies the
+    source's config): its run says so (tag config, each event's inherited keys). A clone started
+    again is recorded once; a long history stays whole in the artifact and in the exploit tags,
+    the history tag holding the latest exploits that fit."""
+    from sodm import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.start_run(uri, tracking.ensure_experiment(uri, "clones"), "trial-a",
+                                params={"mapping": "affine", "beta": 2.0})
+    values = {"beta": 3.0, "mapping": "softmax"}
+    pbt.note_clone(uri, run_id, "b@2", values, ["beta"])
+    pbt.note_clone(uri, run_id, "b@2", values, ["beta"])  # the same clone started again
+    client = tracking.client(uri)
+    tags = client.get_run(run_id).data.tags
+    assert json.loads(tags[pbt.CONFIG]) == values
+    assert json.loads(tags[pbt.HISTORY]) == [{"cloned_from": "b@2", "values": values,
+                                               "inherited": ["mapping"]}]
+    for epoch in range(4, 404, 2):  # 200 more exploits: longer than a tag holds
+        pbt.note_clone(uri, run_id, f"b@{epoch}", {**values, "beta": float(epoch)}, ["beta"])
+    tags = client.get_run(run_id).data.tags
+    latest = json.loads(tags[pbt.HISTORY])
+    assert 1 < len(latest) < 201 and latest[-1]["cloned_from"] == "b@402"
+    path = client.download_artifacts(run_id, "pbt/history.json", str(tmp_path))
+    whole = json.loads(Path(path).read_text())
+    assert [e["cloned_from"] for e in whole] == [f"b@{e}" for e in range(2, 404, 2)]
 
 
 def test_each_restore_of_a_trial_is_a_train_run_of_its_own(monkeypatch):
@@ -491,11 +648,13 @@ def test_a_pbt_search_clones_mutates_and_resumes(tmp_path):
         "base": {"dataset": "digits", "epochs": 3, "train_subset": 320, "eval_count": 50,
                  "acr_quick_count": 3, "acr_quick_n": 32, "lr_milestones": [], "beta_milestone": None,
                  "method": "sodm", "mapping": "softmax"},
-        "space": {"beta": {"type": "loguniform", "lower": 1.0, "upper": 12.0}},
+        "space": {"beta": {"type": "loguniform", "lower": 1.0, "upper": 12.0},
+                  "rho": {"type": "uniform", "lower": 0.95, "upper": 0.999}},  # searched, not mutated
         # synchronous: at epoch 2 both trials wait, the weaker clones the stronger (for sure)
         "search": {"num_samples": 2, "scheduler": "pbt", "perturbation_interval": 2, "synch": True,
                    "quantile_fraction": 0.5, "resample_probability": 0.0, "max_concurrent_trials": 2,
-                   "points_to_evaluate": [{"beta": 1.5}, {"beta": 9.0}]},
+                   "mutate": ["beta"],
+                   "points_to_evaluate": [{"beta": 1.5, "rho": 0.95}, {"beta": 9.0, "rho": 0.99}]},
         "resources": {"worker_cpus": 0.5, "trial_cpus": 0.25, "refresher_cpus": 0.25},
         "final": {"top_k": "all", "n0": 20, "n": 100, "skip": 36, "max": 3, "batch": 100,
                   "num_workers": 2},
@@ -563,6 +722,12 @@ def test_a_pbt_search_clones_mutates_and_resumes(tmp_path):
     assert source in trials and source != tid and epoch == "2"
     history = json.loads(clone.data.tags[pbt.HISTORY])
     assert history[-1]["cloned_from"] == f"{source}@{epoch}"
+    # the clone goes on with its source's rho (not mutated), which its run's params do not say
+    source_rho = float(trials[source].data.params["rho"])
+    assert history[-1]["inherited"] == ["rho"]
+    assert history[-1]["values"]["rho"] == pytest.approx(source_rho)
+    assert json.loads(clone.data.tags[pbt.CONFIG])["rho"] == pytest.approx(source_rho)
+    assert float(clone.data.params["rho"]) != pytest.approx(source_rho)
     assert "pbt/history.json" in [a.path for a in client.list_artifacts(clone.info.run_id, "pbt")]
     # the clone's Train run started from its source's checkpoint: the source's first epochs
     # (its losses) are the clone's history, then the clone goes on with its own, mutated beta
@@ -577,6 +742,7 @@ def test_a_pbt_search_clones_mutates_and_resumes(tmp_path):
     assert new_beta in (pytest.approx(source_beta * 1.2), pytest.approx(source_beta * 0.8),
                         1.0, 12.0) and new_beta != source_beta
     assert ckpt["history"][int(epoch)]["beta"] == pytest.approx(new_beta)  # trained with it
+    assert ckpt["config"]["rho"] == pytest.approx(source_rho)
     logged = {int(m.step): m.value for m in client.get_metric_history(clone.info.run_id, "beta")}
     assert set(logged) == {1, 2, 3}
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id)]
