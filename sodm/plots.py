@@ -66,6 +66,9 @@ def p_a_distribution_curve(results: dict[str, Results], sigmas: dict[str, float]
     return _save_shares(fig, ax, path, list(results), title)
 
 
+PANEL_COLUMNS = 3  # panels a row: several metrics or schedules stay readable side by side
+
+
 def _epoch_panels(panels: dict[str, dict[str, list[tuple[float, float]]]], path: str | Path,
                   title: str | None, draw) -> Path:
     """One panel per key of `panels` against the epoch; draw(ax, key, series) draws its lines.
@@ -76,14 +79,20 @@ def _epoch_panels(panels: dict[str, dict[str, list[tuple[float, float]]]], path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4), squeeze=False)
-    for ax, (key, series) in zip(axes[0], panels.items()):
+    count = max(1, len(panels))
+    cols = min(PANEL_COLUMNS, count)
+    rows = -(-count // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+    for i, (ax, (key, series)) in enumerate(zip(axes.flat, panels.items())):
         draw(ax, key, series)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if i == 0:  # the same lines in every panel: one legend
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -751,3 +751,23 @@ def test_a_pbt_search_clones_mutates_and_resumes(tmp_path):
     assert pbt.LINEAGE in best.data.tags
     # both certified: the best is the first by the validation metric, whatever the test ACRs say
     assert best.info.run_id == max(trials.values(), key=lambda r: r.data.metrics["acr_plugin"]).info.run_id
+
+
+def test_the_schedules_picture_keeps_its_panels_readable(tmp_path):
+    """Seven mutated keys: three panels a row (a row of seven was 5,040 pixels wide), one legend,
+    the best trial's lineage named."""
+    from PIL import Image
+
+    from sodm.plots import pbt_schedules
+
+    keys = ["beta", "lr", "beta_factor", "rho", "m", "n", "n_prime"]
+    panels = {k: {t: [(1, 1.0), (2, 2.0)] for t in ("a", "b")} for k in keys}
+    best = {"trial": "b", "segments": [("a", 0), ("b", 1)],
+            "schedule": [{"epoch": 1, "trial_id": "a", **{k: 1.0 for k in keys}},
+                         {"epoch": 2, "trial_id": "b", **{k: 2.0 for k in keys}}]}
+    path = pbt_schedules(panels, best, tmp_path / "pbt_schedules.png", title="s")
+    with Image.open(path) as image:
+        width, height = image.size
+        description = image.info.get("Description", "")
+    assert width == 3 * 6 * 120 and height == 3 * 4 * 120
+    assert description.splitlines() == ["a", "b"]  # every trial named in the PNG's text
