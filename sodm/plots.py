@@ -128,8 +128,8 @@ def pbt_schedules(panels: dict[str, dict[str, list[tuple[float, float]]]], best:
             route = " -> ".join(f"{t}@{e}" for t, e in best["segments"])
             ax.plot(xs, ys, color="black", linewidth=3, alpha=0.8, drawstyle="steps-post",
                     label=f"best {best['trial']}: {route}")
-            for trial_id, epoch in best["segments"][1:]:
-                ax.axvline(epoch, color="black", linestyle=":", linewidth=1)
+            for trial_id, epoch in best["segments"][1:]:  # took over after `epoch` epochs:
+                ax.axvline(epoch + 1, color="black", linestyle=":", linewidth=1)  # its first step
         if key in ("beta", "lr"):
             ax.set_yscale("log")
 
