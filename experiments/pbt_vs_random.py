@@ -14,10 +14,10 @@ Resumable: run it again and it goes on (finished searches kept, an interrupted o
         --init 0=experiments/out-claims/gaussian/checkpoint.pt --init 1=out-seed1/gaussian/checkpoint.pt
     python experiments/pbt_vs_random.py --toy --out /tmp/pbt-toy     # digits, minutes: the plumbing
 
-Expected cost on the 2-core CPU: the random search took about 80 minutes (docs/results.md); PBT
-has the same 24 trial-epochs (four trials sharing the two cores) plus a Train restart per clone
-(about a minute each here) and the same final certification: about 80-100 minutes. Two seeds of
-both: 5.5-6.5 hours.
+Cost measured on the 2-core CPU (docs/results.md): a random search about 24 minutes of search and
+8-24 of final certification; PBT, the same 24 trial-epochs with the four trials sharing the two
+cores, a Train restart of every trial at each meeting and the waits there, 41-78 minutes of search
+(46 alone but for a test run) and 8-14 of certification. Two seeds of both: about 4 hours.
 """
 
 from __future__ import annotations
