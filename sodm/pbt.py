@@ -181,13 +181,15 @@ def reporting_to_tune(trial_id: str, schedule: list[dict], values: dict):
     failed = []
 
     def forward():
+        refused = False  # Tune refused a report: the rest are taken off the queue and dropped
         while (item := queue.get()) is not None:
-            if failed:
-                continue  # taken and dropped: a report waiting on the queue must not hang the run
+            if refused:
+                continue  # (a report left waiting on the one-place queue would hang the run)
             try:
                 report(*item)
             except Exception as e:  # noqa: BLE001 - raised in the trial driver once the run ends
                 failed.append(e)
+                refused = True
 
     def report(metrics, checkpoint):
         epoch = metrics.get("epoch")
@@ -198,7 +200,10 @@ def reporting_to_tune(trial_id: str, schedule: list[dict], values: dict):
         schedule[:] = [r for r in schedule if r["epoch"] < epoch]
         schedule.append({"epoch": epoch, "trial_id": trial_id, **values,
                          **{k: metrics[k] for k in ("beta", "lr") if k in metrics}})
-        checkpoint.set_metadata({SCHEDULE: schedule})
+        try:
+            checkpoint.set_metadata({SCHEDULE: schedule})
+        except Exception as e:  # noqa: BLE001 - the lineage lost, the report still made; raised at the end
+            failed.append(e)
         tune.report(metrics, checkpoint=tune.Checkpoint(checkpoint.path, checkpoint.filesystem))
 
     thread = threading.Thread(target=forward, name="sodm-report-to-tune", daemon=True)

@@ -58,7 +58,7 @@ class _KnownLength:
         self._restored = {}  # synchronous mode: every trial added, with where it trains on from
 
     def on_trial_add(self, tune_controller, trial):
-        super().on_trial_add(tune_controller, trial)
+        super().on_trial_add(tune_controller, trial)  # (a new state, for a retried trial too)
         done, result = restart_point(trial, self._time_attr)
         if not self._synch:
             if done:
@@ -66,25 +66,39 @@ class _KnownLength:
                 state = self._trial_state[trial]
                 state.last_perturbation_time = state.last_train_time = last
             return
+        if trial.status in (Trial.TERMINATED, Trial.ERROR) or done >= self._epochs:
+            return  # will not train again: no meeting waits for it
+        if self.__dict__.get("_under_way"):
+            # a trial Tune retries after a failure: it takes up its place in the meetings the
+            # others are at; theirs are left as they are
+            meeting = self._next_perturbation_sync
+            self._take_up(tune_controller, trial, done, result,
+                          max(meeting - self._perturbation_interval, 0), meeting, filed=True)
+            return
         restored = self.__dict__.setdefault("_restored", {})  # (one pickled before it existed)
-        if trial.status in (Trial.TERMINATED, Trial.ERROR):
-            return  # will not report again: no meeting waits for it
         restored[trial] = (done, result)
         if not any(d for d, _ in restored.values()):
             return  # a new search
         last, meeting = restored_times(min(d for d, _ in restored.values()), self._perturbation_interval)
         for t, (d, r) in restored.items():
-            state = self._trial_state[t]
-            state.last_perturbation_time = last
-            state.last_train_time = d
-            if d >= meeting and self._metric in r:  # waiting at the meeting: ranked there
-                state.last_score = self._metric_op * r[self._metric]
-                state.last_result = r
-                if t.status == Trial.PENDING:
-                    _pause(tune_controller, t, filed=t is not trial)
+            self._take_up(tune_controller, t, d, r, last, meeting, filed=t is not trial)
         self._next_perturbation_sync = max(meeting, self._burn_in_period)
 
+    def _take_up(self, tune_controller, trial, done: int, result: dict, last: int, meeting: int,
+                 filed: bool) -> None:
+        """Synchronous mode: a trial that trains on from epoch `done`, the last meeting at `last`
+        and the next at `meeting`; one that has reached it waits there, ranked by its score."""
+        state = self._trial_state[trial]
+        state.last_perturbation_time = last
+        state.last_train_time = done
+        if done >= meeting and self._metric in result:
+            state.last_score = self._metric_op * result[self._metric]
+            state.last_result = result
+            if trial.status == Trial.PENDING:
+                _pause(tune_controller, trial, filed)
+
     def on_trial_result(self, tune_controller, trial, result):
+        self._under_way = True  # trials added from now on are retried ones, not restored ones
         if result.get(self._time_attr, 0) >= self._epochs:
             return TrialScheduler.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)

@@ -472,6 +472,59 @@ def test_a_trial_waiting_at_the_meeting_when_stopped_waits_there_again(order):
     assert scheduler.choose_trial_to_run(controller) is x  # free to train on to the next meeting
 
 
+def test_a_trial_retried_mid_search_takes_up_the_others_meetings():
+    """A trial Tune retries after a failure is added again: it takes its place in the meetings
+    the population is at (the last at 5, the next at 10), from its checkpoint of epoch 7, and
+    leaves the others' places alone. A trial restored with all its epochs done waits for no
+    meeting (paused at the last one, nobody would ever start it)."""
+    from ray.tune.experiment import Trial as TuneTrial
+
+    x, y = _StubTrial({}, name="X"), _StubTrial({}, name="Y")
+    trials = [x, y]
+
+    class Controller:
+        search_alg = None
+
+        def get_trials(self):
+            return trials
+
+        def get_live_trials(self):
+            return set(trials)
+
+        def _set_trial_status(self, trial, status):
+            trial.set_status(status)
+
+    controller, scheduler = Controller(), _pbt_scheduler(synch=True, interval=5)
+    for t in trials:
+        scheduler.on_trial_add(controller, t)
+    scheduler._exploit = lambda *args: None
+    x.status = y.status = TuneTrial.RUNNING
+    scheduler.on_trial_result(controller, x, {"epoch": 5, "acr_plugin": 0.3})
+    x.status = TuneTrial.PAUSED  # waiting for Y
+    scheduler.on_trial_result(controller, y, {"epoch": 5, "acr_plugin": 0.2})  # the meeting at 5
+    assert scheduler._next_perturbation_sync == 10
+    before = vars(scheduler._trial_state[y]).copy()
+    # X fails after its epoch-7 checkpoint: Tune makes it pending and adds it again
+    x.status = TuneTrial.PENDING
+    x.run_metadata.checkpoint_manager.latest_checkpoint_result = type(
+        "R", (), {"metrics": {"epoch": 7, "acr_plugin": 0.31}, "checkpoint": "ckpt-X7"})()
+    scheduler.on_trial_add(controller, x)
+    state = scheduler._trial_state[x]
+    assert (state.last_perturbation_time, state.last_train_time) == (5, 7)
+    assert x.status == TuneTrial.PENDING and scheduler._next_perturbation_sync == 10
+    assert vars(scheduler._trial_state[y]) == before
+
+    done = _StubTrial({"epoch": 12, "acr_plugin": 0.4},
+                      checkpoint_result={"epoch": 12, "acr_plugin": 0.4}, name="F")
+    behind = _StubTrial({"epoch": 11, "acr_plugin": 0.3},
+                        checkpoint_result={"epoch": 11, "acr_plugin": 0.3}, name="G")
+    resumed = _pbt_scheduler(synch=True, interval=3)  # 12 epochs: the last meeting would be at 12
+    for t in (done, behind):
+        resumed.on_trial_add(Controller(), t)
+    assert done.status == TuneTrial.PENDING  # started, it reports its last epoch again and ends
+    assert resumed._next_perturbation_sync == 12
+
+
 def test_a_report_that_fails_does_not_hang_the_trial(monkeypatch):
     """Tune refusing a report (its checkpoint not persisted, say): the trial driver's thread goes
     on taking the Train run's reports off the one-place queue (a put would wait there forever),
