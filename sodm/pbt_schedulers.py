@@ -14,7 +14,7 @@ is its source's):
   perturbation is that meeting. A trial that had reached the next meeting and was waiting there
   when the search stopped waits again, paused, ranked at the meeting with the score it reported
   there: it is not started (it would train past the meeting) until the others arrive, and if it
-  is among the best its latest checkpoint is the one the weaker clone."""
+  is among the best its latest checkpoint is the one the weaker trials clone."""
 
 from __future__ import annotations
 

@@ -366,6 +366,26 @@ class _StubTrial:
         return self.name
 
 
+class _StubController:
+    """What the PBT scheduler reads of Tune's controller: the trials, and the status setter for a
+    trial it has filed (each move noted)."""
+
+    search_alg = None
+
+    def __init__(self, trials=()):
+        self.trials, self.moved = list(trials), []
+
+    def get_trials(self):
+        return self.trials
+
+    def get_live_trials(self):
+        return set(self.trials)
+
+    def _set_trial_status(self, trial, status):
+        self.moved.append((trial.name, status))
+        trial.set_status(status)
+
+
 def _pbt_scheduler(synch, interval=3):
     from sodm.pbt_schedulers import SodmPBT
 
@@ -384,8 +404,7 @@ def test_a_resumed_scheduler_keeps_the_exploits_on_their_epochs():
     assert restored_times(4, 3) == (3, 6) and restored_times(6, 3) == (6, 9)
     assert restored_times(1, 2) == (0, 2)
     Trial = _StubTrial
-    controller = type("Ctl", (), {"search_alg": None,
-                                  "_set_trial_status": lambda self, t, status: t.set_status(status)})()
+    controller = _StubController()
 
     scheduler = _pbt_scheduler(synch=False)
     fresh, restored = Trial({}), Trial({"epoch": 4, "acr_plugin": 0.3})
@@ -435,26 +454,11 @@ def test_a_trial_waiting_at_the_meeting_when_stopped_waits_there_again(order):
     x = _StubTrial(result_x, checkpoint_result=result_x, name="X")
     y = _StubTrial({"epoch": 3, "acr_plugin": 0.2}, checkpoint_result={"epoch": 3, "acr_plugin": 0.2},
                    name="Y")
-    trials, moved = [], []
-
-    class Controller:
-        search_alg = None
-
-        def get_trials(self):
-            return trials
-
-        def get_live_trials(self):
-            return set(trials)
-
-        def _set_trial_status(self, trial, status):  # TuneController's, for a trial it filed
-            moved.append((trial.name, status))
-            trial.set_status(status)
-
-    controller, scheduler = Controller(), _pbt_scheduler(synch=True, interval=2)
+    controller, scheduler = _StubController(), _pbt_scheduler(synch=True, interval=2)
     for t in (x, y) if order == "XY" else (y, x):
-        trials.append(t)
+        controller.trials.append(t)
         scheduler.on_trial_add(controller, t)
-    assert moved == ([("X", TuneTrial.PAUSED)] if order == "XY" else [])
+    assert controller.moved == ([("X", TuneTrial.PAUSED)] if order == "XY" else [])
     assert scheduler._next_perturbation_sync == 4
     assert scheduler._trial_state[x].last_perturbation_time == 2
     assert x.status == TuneTrial.PAUSED and y.status == TuneTrial.PENDING
@@ -480,22 +484,8 @@ def test_a_trial_retried_mid_search_takes_up_the_others_meetings():
     from ray.tune.experiment import Trial as TuneTrial
 
     x, y = _StubTrial({}, name="X"), _StubTrial({}, name="Y")
-    trials = [x, y]
-
-    class Controller:
-        search_alg = None
-
-        def get_trials(self):
-            return trials
-
-        def get_live_trials(self):
-            return set(trials)
-
-        def _set_trial_status(self, trial, status):
-            trial.set_status(status)
-
-    controller, scheduler = Controller(), _pbt_scheduler(synch=True, interval=5)
-    for t in trials:
+    controller, scheduler = _StubController([x, y]), _pbt_scheduler(synch=True, interval=5)
+    for t in (x, y):
         scheduler.on_trial_add(controller, t)
     scheduler._exploit = lambda *args: None
     x.status = y.status = TuneTrial.RUNNING
@@ -520,7 +510,7 @@ def test_a_trial_retried_mid_search_takes_up_the_others_meetings():
                         checkpoint_result={"epoch": 11, "acr_plugin": 0.3}, name="G")
     resumed = _pbt_scheduler(synch=True, interval=3)  # 12 epochs: the last meeting would be at 12
     for t in (done, behind):
-        resumed.on_trial_add(Controller(), t)
+        resumed.on_trial_add(_StubController(), t)
     assert done.status == TuneTrial.PENDING  # started, it reports its last epoch again and ends
     assert resumed._next_perturbation_sync == 12
 
